@@ -1,4 +1,120 @@
-# Placeholder until the compiled operator lands: the public API over the reference.
-from .reference import ChannelStats, channel_stats, entropy, perplexity, sparsity
+"""The public operator: autograd over the fused kernels, with the reference as fallback.
 
-ChannelStatsFunction = None
+Two native ops live in the ``sparsity_ext`` namespace (schemas in csrc/ops.cpp):
+
+- ``channel_stats_forward(x) -> (entropy, perplexity, sparsity, row_stats)``
+- ``channel_stats_backward(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity) -> grad_x``
+
+``row_stats`` (3, N, C) holds each row's max, log-sum and mean shift in the accumulation
+dtype: all the one-pass backward needs, so no softmax is ever stored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _extension, reference
+from .reference import ChannelStats
+
+__all__ = ["ChannelStats", "ChannelStatsFunction", "channel_stats", "entropy", "perplexity",
+           "sparsity"]
+
+
+def _reads_in_place(x: torch.Tensor) -> bool:
+    """Mirror of resolve_layout in csrc/launch.cpp: is x read without a contiguous copy?"""
+    n, c = x.shape[0], x.shape[1]
+    positions = x.shape[2:].numel()
+
+    def positions_strided_by(step: int) -> bool:
+        expected = step
+        for d in range(x.dim() - 1, 1, -1):
+            if x.shape[d] == 1:
+                continue
+            if x.stride(d) != expected:
+                return False
+            expected *= x.shape[d]
+        return True
+
+    batch_dense = n == 1 or x.stride(0) == c * positions
+    rows = (c == 1 or x.stride(1) == positions) and positions_strided_by(1)
+    channels_last = (c == 1 or x.stride(1) == 1) and positions_strided_by(c)
+    return batch_dense and (rows or channels_last)
+
+
+_fakes_registered = False
+
+
+def register_fake_kernels() -> None:
+    """Shape/dtype-only kernels so torch.compile and opcheck can trace the native ops."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+
+    @torch.library.register_fake("sparsity_ext::channel_stats_forward")
+    def _forward_fake(x):
+        reference.check_input(x)
+        n, c = x.shape[0], x.shape[1]
+        acc = reference.accumulation_dtype(x.dtype)
+        return (x.new_empty((n, c)), x.new_empty((n, c)), x.new_empty((n, c)),
+                x.new_empty((3, n, c), dtype=acc))
+
+    @torch.library.register_fake("sparsity_ext::channel_stats_backward")
+    def _backward_fake(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity):
+        reference.check_input(x)
+        return torch.empty_like(x) if _reads_in_place(x) else x.new_empty(x.shape)
+
+
+class ChannelStatsFunction(torch.autograd.Function):
+    """Differentiable (entropy, perplexity, sparsity) of x, each (N, C), through the fused ops.
+
+    Forward saves only x and the (3, N, C) row statistics; backward is one elementwise pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        entropy, perplexity, sparsity, row_stats = torch.ops.sparsity_ext.channel_stats_forward(x)
+        ctx.save_for_backward(x, row_stats)
+        return entropy, perplexity, sparsity
+
+    @staticmethod
+    def backward(ctx, grad_entropy, grad_perplexity, grad_sparsity):
+        if not ctx.needs_input_grad[0]:
+            return None
+        x, row_stats = ctx.saved_tensors
+        return torch.ops.sparsity_ext.channel_stats_backward(
+            x, row_stats, grad_entropy, grad_perplexity, grad_sparsity)
+
+
+def channel_stats(x: torch.Tensor) -> ChannelStats:
+    """Entropy, perplexity and sparsity of the spatial softmax of every (sample, channel).
+
+    Args:
+        x: ``(N, C, *S)`` with at least one spatial dim, float16/bfloat16/float32/float64,
+            any strides, any device.
+
+    Returns:
+        ``ChannelStats(entropy, perplexity, sparsity)``, each ``(N, C)`` in x's dtype and
+        device, accumulated in float32 (float64 for float64). With ``L = prod(S)`` and
+        ``p = softmax(x[n, c].flatten())``: ``H = -sum p log p``, ``PP = exp(H)``,
+        ``SP = (L - PP) / (L - 1)`` (0 when L == 1). Differentiable.
+    """
+    reference.check_input(x)
+    if not _extension.kernel_available(x.device.type):
+        return reference.channel_stats(x)
+    return ChannelStats(*ChannelStatsFunction.apply(x))
+
+
+def entropy(x: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the spatial softmax of every row of ``x`` ``(N, C, *S)`` -> ``(N, C)``."""
+    return channel_stats(x).entropy
+
+
+def perplexity(x: torch.Tensor) -> torch.Tensor:
+    """Perplexity ``exp(entropy)``, in ``[1, L]``, of every row of ``x`` -> ``(N, C)``."""
+    return channel_stats(x).perplexity
+
+
+def sparsity(x: torch.Tensor) -> torch.Tensor:
+    """Sparsity ``(L - perplexity) / (L - 1)``, in ``[0, 1]``, of every row -> ``(N, C)``."""
+    return channel_stats(x).sparsity

@@ -1,0 +1,374 @@
+// CPU kernels of channel_stats, vectorised with at::vec and parallel over rows.
+//
+// Forward, per row: the row is cut into chunks that stay in L1/L2; each chunk takes a
+// max pass and then an exp pass relative to that max (one exp per element, the real
+// floor on CPU), and the chunk states merge in order through EntropyState::merge.
+// A row's result therefore does not depend on the thread count: same bits always.
+//
+// Layouts: kRows walks each row with unit stride; kChannelsLast (N, L, C) vectorises
+// across channels (one vector = Pack::kWidth consecutive channels of one sample) and
+// walks the positions, so every load is contiguous.
+//
+// Backward, per element: grad_x = coef * exp(d - log_sum) * (d - mean_shift) with
+// d = max(x - max, floor) and one coef per row (see entropy_state.h for the derivation).
+#include "channel_stats_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+
+#include "../entropy_state.h"
+
+namespace sparsity_ext {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Elements per task handed to a thread: enough to amortise the scheduling.
+constexpr int64_t kElementsPerTask = 1 << 15;
+// Positions per chunk of a row: the chunk is re-read from cache by the exp pass.
+constexpr int64_t kRowChunk = 1 << 13;          // kRows: 8192 elements, 32 KB in float
+constexpr int64_t kChannelsLastChunk = 1 << 9;  // kChannelsLast: 512 positions x one vector
+
+// exp(x) for x <= 0 (or NaN), the hot spot of both passes.
+inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // 2^(x log2 e) = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, and 2^f from its
+  // degree-6 Taylor polynomial (relative error < 2e-7, about 1 ulp); scalef applies 2^n
+  // and underflows to exactly 0. The floor at -160 keeps n finite (exp(-inf) = 0) and,
+  // as max_ps returns its second operand on NaN, leaves NaN as NaN.
+  const __m512 y = _mm512_max_ps(_mm512_set1_ps(-160.0f),
+                                 _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)));
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+#else
+  return x.exp_u20();
+#endif
+}
+
+inline Vectorized<double> exp_nonpositive(const Vectorized<double>& x) { return x.exp(); }
+
+template <typename acc_t>
+inline Vectorized<acc_t> clamp_shift(const Vectorized<acc_t>& shift) {
+  // at::vec::maximum propagates NaN, as the scalar clamp_shift does.
+  return at::vec::maximum(shift, Vectorized<acc_t>(ShiftFloor<acc_t>::value));
+}
+
+template <typename acc_t>
+inline acc_t reduce_max(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::maximum(a, b); }, v);
+}
+
+template <typename acc_t>
+inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
+}
+
+// One load of kWidth elements of scalar_t as kVecs vectors of acc_t. Partial loads fill
+// the missing lanes with -inf, a masked position, so no scalar tail loop is needed.
+template <typename scalar_t>
+struct Pack {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr bool kReduced = at::is_reduced_floating_point_v<scalar_t>;
+  static constexpr int kVecs = kReduced ? 2 : 1;
+  static constexpr int64_t kLanes = Vec::size();
+  static constexpr int64_t kWidth = kVecs * kLanes;
+
+  static void load(const scalar_t* p, int64_t count, Vec (&out)[kVecs]) {
+    const Vec masked(-std::numeric_limits<acc_t>::infinity());
+    if constexpr (kReduced) {
+      const auto raw = count == kWidth ? Vectorized<scalar_t>::loadu(p)
+                                       : Vectorized<scalar_t>::loadu(p, count);
+      std::tie(out[0], out[1]) = at::vec::convert_to_float<scalar_t>(raw);
+    } else {
+      out[0] = count == kWidth ? Vec::loadu(p) : Vec::loadu(p, count);
+    }
+    if (count < kWidth) {
+      for (int k = 0; k < kVecs; ++k) {
+        const int64_t lanes = std::clamp<int64_t>(count - k * kLanes, 0, kLanes);
+        out[k] = Vec::set(masked, out[k], lanes);
+      }
+    }
+  }
+
+  static void store(scalar_t* p, int64_t count, const Vec (&in)[kVecs]) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(in[0], in[1]).store(p, count);
+    } else {
+      in[0].store(p, count);
+    }
+  }
+};
+
+// --- forward ------------------------------------------------------------------------
+
+// State of `count` consecutive elements: a max pass, then an exp pass from cache.
+template <typename scalar_t>
+EntropyState<acc_type<scalar_t>> contiguous_chunk_state(const scalar_t* x, int64_t count) {
+  using P = Pack<scalar_t>;
+  using acc_t = typename P::acc_t;
+  using Vec = typename P::Vec;
+  constexpr int64_t W = P::kWidth;
+
+  Vec v[P::kVecs];
+  Vec vmax(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t i = 0; i < count; i += W) {
+    P::load(x + i, std::min(W, count - i), v);
+    for (int k = 0; k < P::kVecs; ++k) vmax = at::vec::maximum(vmax, v[k]);
+  }
+  const acc_t row_max = reduce_max(vmax);
+  // Only masked positions: this part contributes nothing (and -inf - -inf would be NaN).
+  if (row_max == -std::numeric_limits<acc_t>::infinity()) return EntropyState<acc_t>::empty();
+
+  const Vec shift_by(row_max);
+  Vec sum(0), shifted(0);
+  for (int64_t i = 0; i < count; i += W) {
+    P::load(x + i, std::min(W, count - i), v);
+    for (int k = 0; k < P::kVecs; ++k) {
+      const Vec d = clamp_shift(v[k] - shift_by);
+      const Vec e = exp_nonpositive(d);
+      sum = sum + e;
+      shifted = at::vec::fmadd(d, e, shifted);
+    }
+  }
+  return {row_max, reduce_sum(sum), reduce_sum(shifted)};
+}
+
+template <typename scalar_t>
+void store_row(const ForwardParams& p, int64_t row, const EntropyState<acc_type<scalar_t>>& s) {
+  using acc_t = acc_type<scalar_t>;
+  const auto r = finalize(s, p.positions);
+  const int64_t rows = p.batch * p.channels;
+  static_cast<scalar_t*>(p.entropy)[row] = static_cast<scalar_t>(r.entropy);
+  static_cast<scalar_t*>(p.perplexity)[row] = static_cast<scalar_t>(r.perplexity);
+  static_cast<scalar_t*>(p.sparsity)[row] = static_cast<scalar_t>(r.sparsity);
+  acc_t* stats = static_cast<acc_t*>(p.row_stats);
+  stats[row] = r.max;
+  stats[rows + row] = r.log_sum;
+  stats[2 * rows + row] = r.mean_shift;
+}
+
+template <typename scalar_t>
+void forward_rows(const ForwardParams& p) {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  const int64_t L = p.positions;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / L);
+  at::parallel_for(0, p.batch * p.channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* xr = x + row * L;
+      auto state = EntropyState<acc_t>::empty();
+      for (int64_t start = 0; start < L; start += kRowChunk) {
+        state.merge(contiguous_chunk_state(xr + start, std::min(kRowChunk, L - start)));
+      }
+      store_row<scalar_t>(p, row, state);
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_channels_last(const ForwardParams& p) {
+  using P = Pack<scalar_t>;
+  using acc_t = typename P::acc_t;
+  using Vec = typename P::Vec;
+  constexpr int64_t W = P::kWidth;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  const int64_t C = p.channels, L = p.positions;
+  const int64_t blocks = (C + W - 1) / W;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * W));
+
+  at::parallel_for(0, p.batch * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / blocks, c0 = (item % blocks) * W;
+      const int64_t lanes = std::min(W, C - c0);
+      const scalar_t* xb = x + n * L * C + c0;
+      EntropyState<acc_t> state[W];
+      for (int64_t j = 0; j < W; ++j) state[j] = EntropyState<acc_t>::empty();
+
+      for (int64_t start = 0; start < L; start += kChannelsLastChunk) {
+        const int64_t stop = std::min(L, start + kChannelsLastChunk);
+        Vec v[P::kVecs], vmax[P::kVecs];
+        for (int k = 0; k < P::kVecs; ++k) vmax[k] = Vec(kNegInf);
+        for (int64_t i = start; i < stop; ++i) {
+          P::load(xb + i * C, lanes, v);
+          for (int k = 0; k < P::kVecs; ++k) vmax[k] = at::vec::maximum(vmax[k], v[k]);
+        }
+        // A lane with only masked positions shifts by 0 instead of -inf (no NaN); its
+        // sum is then 0 and the merge treats it as contributing nothing.
+        Vec shift_by[P::kVecs], sum[P::kVecs], shifted[P::kVecs];
+        for (int k = 0; k < P::kVecs; ++k) {
+          shift_by[k] = Vec::blendv(vmax[k], Vec(0), vmax[k] == Vec(kNegInf));
+          sum[k] = Vec(0);
+          shifted[k] = Vec(0);
+        }
+        for (int64_t i = start; i < stop; ++i) {
+          P::load(xb + i * C, lanes, v);
+          for (int k = 0; k < P::kVecs; ++k) {
+            const Vec d = clamp_shift(v[k] - shift_by[k]);
+            const Vec e = exp_nonpositive(d);
+            sum[k] = sum[k] + e;
+            shifted[k] = at::vec::fmadd(d, e, shifted[k]);
+          }
+        }
+        acc_t m[W], s[W], t[W];
+        for (int k = 0; k < P::kVecs; ++k) {
+          vmax[k].store(m + k * P::kLanes);
+          sum[k].store(s + k * P::kLanes);
+          shifted[k].store(t + k * P::kLanes);
+        }
+        for (int64_t j = 0; j < lanes; ++j) state[j].merge({m[j], s[j], t[j]});
+      }
+      for (int64_t j = 0; j < lanes; ++j) store_row<scalar_t>(p, n * C + c0 + j, state[j]);
+    }
+  });
+}
+
+// --- backward -----------------------------------------------------------------------
+
+template <typename scalar_t>
+acc_type<scalar_t> row_coefficient(const BackwardParams& p, int64_t n, int64_t c) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
+  const int64_t rows = p.batch * p.channels, row = n * p.channels + c;
+  const void* grads[3] = {p.grad_entropy, p.grad_perplexity, p.grad_sparsity};
+  acc_t g[3];
+  for (int k = 0; k < 3; ++k) {
+    const int64_t at = n * p.grad_strides[k][0] + c * p.grad_strides[k][1];
+    g[k] = static_cast<acc_t>(static_cast<const scalar_t*>(grads[k])[at]);
+  }
+  return backward_coefficient<acc_t>(stats[rows + row], stats[2 * rows + row], g[0], g[1], g[2],
+                                     p.positions);
+}
+
+template <typename scalar_t>
+void backward_rows(const BackwardParams& p) {
+  using P = Pack<scalar_t>;
+  using acc_t = typename P::acc_t;
+  using Vec = typename P::Vec;
+  constexpr int64_t W = P::kWidth;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x);
+  const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
+  const int64_t L = p.positions, rows = p.batch * p.channels;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / L);
+
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const Vec row_max(stats[row]), log_sum(stats[rows + row]),
+          mean_shift(stats[2 * rows + row]);
+      const Vec coef(row_coefficient<scalar_t>(p, row / p.channels, row % p.channels));
+      const scalar_t* xr = x + row * L;
+      scalar_t* gr = grad_x + row * L;
+      Vec v[P::kVecs];
+      for (int64_t i = 0; i < L; i += W) {
+        const int64_t count = std::min(W, L - i);
+        P::load(xr + i, count, v);
+        for (int k = 0; k < P::kVecs; ++k) {
+          const Vec d = clamp_shift(v[k] - row_max);
+          v[k] = coef * exp_nonpositive(d - log_sum) * (d - mean_shift);
+        }
+        P::store(gr + i, count, v);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_channels_last(const BackwardParams& p) {
+  using P = Pack<scalar_t>;
+  using acc_t = typename P::acc_t;
+  using Vec = typename P::Vec;
+  constexpr int64_t W = P::kWidth;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x);
+  const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
+  const int64_t C = p.channels, L = p.positions, rows = p.batch * C;
+  const int64_t blocks = (C + W - 1) / W;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * W));
+
+  at::parallel_for(0, p.batch * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / blocks, c0 = (item % blocks) * W;
+      const int64_t lanes = std::min(W, C - c0);
+      // Per-lane row statistics; lanes past `lanes` are computed but never stored.
+      acc_t lane_stats[4][W] = {};
+      for (int64_t j = 0; j < lanes; ++j) {
+        const int64_t row = n * C + c0 + j;
+        lane_stats[0][j] = stats[row];
+        lane_stats[1][j] = stats[rows + row];
+        lane_stats[2][j] = stats[2 * rows + row];
+        lane_stats[3][j] = row_coefficient<scalar_t>(p, n, c0 + j);
+      }
+      Vec row_max[P::kVecs], log_sum[P::kVecs], mean_shift[P::kVecs], coef[P::kVecs];
+      for (int k = 0; k < P::kVecs; ++k) {
+        row_max[k] = Vec::loadu(lane_stats[0] + k * P::kLanes);
+        log_sum[k] = Vec::loadu(lane_stats[1] + k * P::kLanes);
+        mean_shift[k] = Vec::loadu(lane_stats[2] + k * P::kLanes);
+        coef[k] = Vec::loadu(lane_stats[3] + k * P::kLanes);
+      }
+      const scalar_t* xb = x + n * L * C + c0;
+      scalar_t* gb = grad_x + n * L * C + c0;
+      Vec v[P::kVecs];
+      for (int64_t i = 0; i < L; ++i) {
+        P::load(xb + i * C, lanes, v);
+        for (int k = 0; k < P::kVecs; ++k) {
+          const Vec d = clamp_shift(v[k] - row_max[k]);
+          v[k] = coef[k] * exp_nonpositive(d - log_sum[k]) * (d - mean_shift[k]);
+        }
+        P::store(gb + i * C, lanes, v);
+      }
+    }
+  });
+}
+
+template <template <typename> class Kernel, typename Params>
+void dispatch(const Params& p) {
+  switch (p.dtype) {
+    case ScalarKind::kFloat16: return Kernel<c10::Half>::run(p);
+    case ScalarKind::kBFloat16: return Kernel<c10::BFloat16>::run(p);
+    case ScalarKind::kFloat32: return Kernel<float>::run(p);
+    case ScalarKind::kFloat64: return Kernel<double>::run(p);
+  }
+}
+
+template <typename scalar_t>
+struct ForwardKernel {
+  static void run(const ForwardParams& p) {
+    p.layout == RowLayout::kRows ? forward_rows<scalar_t>(p) : forward_channels_last<scalar_t>(p);
+  }
+};
+
+template <typename scalar_t>
+struct BackwardKernel {
+  static void run(const BackwardParams& p) {
+    p.layout == RowLayout::kRows ? backward_rows<scalar_t>(p) : backward_channels_last<scalar_t>(p);
+  }
+};
+
+}  // namespace
+
+void channel_stats_forward_cpu(const ForwardParams& p) { dispatch<ForwardKernel>(p); }
+void channel_stats_backward_cpu(const BackwardParams& p) { dispatch<BackwardKernel>(p); }
+
+}  // namespace sparsity_ext
