@@ -1,0 +1,350 @@
+"""The fused operator against the float64 reference: values, gradients, layouts, dtypes,
+non-finite semantics, bad input, torch.compile, opcheck, determinism and memory."""
+
+import itertools
+
+import pytest
+import torch
+
+from testing import (DEVICES, DTYPES, LAYOUTS, ROUNDING, assert_close_to_float64, compiled,
+                     low_precision_reference, random_input, reference, sparsity_ext, with_layout)
+
+SHAPES = [
+    (2, 3, 7, 7),        # the short rows of late conv layers
+    (3, 5, 1),           # L = 1
+    (1, 1, 2),
+    (2, 3, 17),          # 1-D, odd length
+    (4, 33, 13, 11),     # odd channel count: channels-last vector tails
+    (2, 3, 5, 4, 3),     # 3-D
+    (2, 2, 8193),        # one past a chunk of the row kernel
+    (1, 2, 100_003),     # long rows
+]
+OUTPUTS = ("entropy", "perplexity", "sparsity")
+
+
+def test_the_fused_kernel_is_what_gets_tested():
+    """Without this every agreement test below could pass against the reference itself."""
+    assert compiled("cpu"), sparsity_ext._extension.load().describe()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_forward_matches_float64_reference(device, dtype, shape, layout):
+    x = with_layout(random_input(shape, dtype, device), layout)
+    ours = sparsity_ext.channel_stats(x)
+    exact = reference.channel_stats(x.double())
+    for name, a, b in zip(OUTPUTS, ours, exact):
+        assert a.shape == shape[:2] and a.dtype == dtype and a.device == x.device
+        # Long rows accumulate over 10^5 terms in float32: allow for that.
+        assert_close_to_float64(a, b, dtype, rtol_acc=1e-5 if dtype != torch.float64 else 1e-12,
+                                atol=1e-6 if dtype != torch.float64 else 1e-12,
+                                what=f"{name} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 16, 7, 7), (2, 8, 56, 56), (2, 3, 5000)], ids=str)
+def test_half_precision_no_worse_than_plain_pytorch_in_that_dtype(device, dtype, shape):
+    """flash-attention's yard stick: at most 2x the error of a same-dtype PyTorch computation."""
+    x = random_input(shape, dtype, device)
+    exact = reference.channel_stats(x.double())
+    ours = sparsity_ext.channel_stats(x)
+    plain = low_precision_reference(x)
+    for name, a, p, e in zip(OUTPUTS, ours, plain, exact):
+        ours_error = (a.double() - e).abs().max().item()
+        plain_error = (p.double() - e).abs().max().item()
+        assert ours_error <= 2 * plain_error + 1e-6, (name, ours_error, plain_error)
+
+
+def _grads_against_reference(x, dtype):
+    grads_out = [torch.randn(x.shape[:2], dtype=torch.float64, device=x.device).to(dtype)
+                 for _ in OUTPUTS]
+    xr = x.detach().requires_grad_(True)
+    ours = torch.autograd.grad(sparsity_ext.channel_stats(xr), xr, grads_out)[0]
+    x64 = x.detach().double().requires_grad_(True)
+    exact = torch.autograd.grad(reference.channel_stats(x64), x64,
+                                [g.double() for g in grads_out])[0]
+    return ours, exact
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:-1], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_matches_float64_autograd(device, dtype, shape, layout):
+    x = with_layout(random_input(shape, dtype, device), layout)
+    ours, exact = _grads_against_reference(x, dtype)
+    assert ours.shape == x.shape and ours.dtype == dtype
+    scale = exact.abs().max().item()
+    # Each element is rounded once to dtype; the row coefficient carries the outputs' error.
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close_to_float64(ours, exact, dtype, rtol_acc=tol, atol=tol * scale + 1e-30,
+                            what=f"grad {dtype} {layout}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    for shape, layout in [((2, 3, 4, 5), "contiguous"), ((2, 3, 4, 5), "channels_last"),
+                          ((2, 2, 7), "sliced"), ((3, 2, 1), "contiguous")]:
+        x = with_layout(random_input(shape, torch.float64, device), layout).requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda t: tuple(sparsity_ext.channel_stats(t)), (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_outputs_and_their_gradients(device):
+    x = random_input((3, 4, 6, 5), torch.float32, device).requires_grad_(True)
+    for name in OUTPUTS:
+        ours = getattr(sparsity_ext, name)(x)
+        exact = getattr(reference, name)(x.detach().double())
+        torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-6)
+        g = torch.autograd.grad(ours.sum(), x)[0]  # expanded (stride 0) grad_output
+        x64 = x.detach().double().requires_grad_(True)
+        g64 = torch.autograd.grad(getattr(reference, name)(x64).sum(), x64)[0]
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-6)
+
+
+def test_channels_last_is_read_in_place():
+    x = random_input((2, 16, 5, 6), torch.float32).contiguous(memory_format=torch.channels_last)
+    g = torch.autograd.grad(sparsity_ext.entropy(x.requires_grad_(True)).sum(), x)[0]
+    assert g.is_contiguous(memory_format=torch.channels_last)
+
+
+# --- non-finite semantics (DESIGN.md) -------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_minus_inf_positions_are_masked(device, dtype, layout):
+    n, c, h, w = 3, 20, 9, 7
+    x = random_input((n, c, h, w), dtype, device)
+    mask = torch.rand(n, c, h, w, device=device) < 0.4
+    mask[..., 0, 0] = False  # every row keeps at least one finite position
+    mask[0, 0] = True
+    mask[0, 0, 3, 3] = False  # a row with one finite position: a one-hot softmax
+    x = with_layout(x.masked_fill(mask, float("-inf")), layout).requires_grad_(True)
+    stats = sparsity_ext.channel_stats(x)
+    for row in [(0, 0), (1, 5), (2, 19)]:
+        finite = x.detach()[row][~mask[row]].double()
+        p = torch.softmax(finite, 0)
+        expected_entropy = -(p * p.log()).sum()
+        torch.testing.assert_close(stats.entropy[row].double(), expected_entropy,
+                                   rtol=ROUNDING[dtype] * 4, atol=1e-6)
+    assert stats.entropy[0, 0].item() == 0.0 and stats.sparsity[0, 0].item() == 1.0
+    g = torch.autograd.grad(sum(o.sum() for o in stats), x)[0]
+    assert torch.isfinite(g).all()
+    assert (g[mask] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_nan_or_plus_inf_poisons_its_row_only(device, dtype, bad, layout):
+    x = random_input((2, 18, 6, 5), dtype, device)
+    x[1, 7, 2, 3] = bad
+    x = with_layout(x, layout).requires_grad_(True)
+    stats = sparsity_ext.channel_stats(x)
+    poisoned = torch.zeros(2, 18, dtype=torch.bool, device=device)
+    poisoned[1, 7] = True
+    for out in stats:
+        assert out[poisoned].isnan().all()
+        assert torch.isfinite(out[~poisoned]).all()
+    exact = reference.channel_stats(x.detach().double())
+    torch.testing.assert_close(stats.entropy[~poisoned].double(), exact.entropy[~poisoned],
+                               rtol=ROUNDING[dtype] * 2 + 1e-5, atol=1e-6)
+    g = torch.autograd.grad(stats.entropy.sum(), x)[0]
+    assert g[1, 7].isnan().all()
+    assert torch.isfinite(g[0]).all() and torch.isfinite(g[1, :7]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_of_only_minus_inf_is_nan(device, dtype):
+    x = random_input((2, 3, 4, 4), dtype, device)
+    x[0, 1] = float("-inf")
+    stats = sparsity_ext.channel_stats(x)
+    for out in stats:
+        assert out[0, 1].isnan() and torch.isfinite(out[0, 0]) and torch.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_position_rows(device, dtype):
+    x = random_input((4, 6, 1, 1), dtype, device).requires_grad_(True)
+    stats = sparsity_ext.channel_stats(x)
+    assert (stats.entropy == 0).all() and (stats.perplexity == 1).all()
+    assert (stats.sparsity == 0).all()
+    g = torch.autograd.grad(sum(o.sum() for o in stats), x)[0]
+    assert (g == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_far_from_zero_rows_keep_their_precision(device):
+    """Sums relative to the row maximum: x = 1e4 + noise is as accurate as the noise alone."""
+    noise = random_input((2, 4, 50), torch.float32, device, scale=1.0)
+    far = sparsity_ext.channel_stats(noise + 1e4)
+    near = reference.channel_stats((noise + 1e4).double() - 1e4)
+    torch.testing.assert_close(far.entropy.double(), near.entropy, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4), (0, 0, 5)], ids=str)
+def test_empty_batch_or_channels_give_empty_results(device, shape):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    stats = sparsity_ext.channel_stats(x)
+    assert all(o.shape == shape[:2] for o in stats)
+    g = torch.autograd.grad(stats.sparsity.sum(), x, allow_unused=True)[0]
+    assert g is None or g.shape == x.shape
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool,
+                                   torch.complex64])
+def test_non_floating_dtypes_are_rejected(dtype):
+    x = torch.ones(2, 3, 4, 4).to(dtype)
+    with pytest.raises(TypeError, match="floating-point"):
+        sparsity_ext.channel_stats(x)
+    with pytest.raises((TypeError, RuntimeError), match="floating-point"):
+        torch.ops.sparsity_ext.channel_stats_forward(x)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3)], ids=str)
+def test_fewer_than_three_dims_are_rejected(shape):
+    x = torch.randn(shape)
+    with pytest.raises(ValueError, match="at least one spatial dim"):
+        sparsity_ext.sparsity(x)
+    with pytest.raises(RuntimeError, match="at least one spatial dim"):
+        torch.ops.sparsity_ext.channel_stats_forward(x)
+
+
+def test_zero_spatial_positions_are_rejected():
+    x = torch.randn(2, 3, 4, 0)
+    with pytest.raises(ValueError, match="zero spatial positions"):
+        sparsity_ext.entropy(x)
+    with pytest.raises(RuntimeError, match="zero spatial positions"):
+        torch.ops.sparsity_ext.channel_stats_forward(x)
+
+
+def test_not_a_tensor_is_rejected():
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        sparsity_ext.channel_stats([[[1.0]]])
+
+
+def test_backward_op_rejects_mismatched_arguments():
+    x = torch.randn(2, 3, 4, 4)
+    _, _, _, stats = torch.ops.sparsity_ext.channel_stats_forward(x)
+    g = torch.randn(2, 3)
+    backward = torch.ops.sparsity_ext.channel_stats_backward
+    with pytest.raises(RuntimeError, match=r"grad_entropy must have shape"):
+        backward(x, stats, torch.randn(3, 2), g, g)
+    with pytest.raises(RuntimeError, match=r"row_stats must have shape"):
+        backward(x, stats[:2], g, g, g)
+    with pytest.raises((TypeError, RuntimeError), match=r"row_stats must have dtype"):
+        backward(x, stats.double(), g, g, g)
+    with pytest.raises((TypeError, RuntimeError), match=r"grad_sparsity must have the dtype"):
+        backward(x, stats, g, g, g.double())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mismatched_devices_are_rejected():
+    x = torch.randn(2, 3, 4, 4, device="cuda")
+    _, _, _, stats = torch.ops.sparsity_ext.channel_stats_forward(x)
+    g = torch.randn(2, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="is on"):
+        torch.ops.sparsity_ext.channel_stats_backward(x, stats, g.cpu(), g, g)
+
+
+# --- torch.library / torch.compile ----------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_opcheck(device, dtype, layout):
+    x = with_layout(random_input((2, 5, 4, 3), dtype, device), layout)
+    torch.library.opcheck(torch.ops.sparsity_ext.channel_stats_forward.default, (x,))
+    _, _, _, stats = torch.ops.sparsity_ext.channel_stats_forward(x)
+    grads = [torch.randn(2, 5, device=device, dtype=dtype) for _ in range(3)]
+    grads[1] = torch.randn(1, 1, device=device, dtype=dtype).expand(2, 5)
+    torch.library.opcheck(torch.ops.sparsity_ext.channel_stats_backward.default,
+                          (x, stats, *grads))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_forward_and_backward(device):
+    torch._dynamo.reset()
+
+    def loss_fn(x, w):
+        y = torch.nn.functional.conv2d(x, w, padding=1).relu()
+        stats = sparsity_ext.channel_stats(y)
+        return stats.sparsity.mean() + 0.1 * stats.entropy.mean()
+
+    compiled_loss = torch.compile(loss_fn, fullgraph=True)
+    x = torch.randn(4, 3, 12, 12, device=device)
+    w = torch.randn(8, 3, 3, 3, device=device, requires_grad=True)
+    eager_value = loss_fn(x, w)
+    eager_grad = torch.autograd.grad(eager_value, w)[0]
+    value = compiled_loss(x, w)
+    grad = torch.autograd.grad(value, w)[0]
+    torch.testing.assert_close(value, eager_value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_graph_calls_the_fused_ops():
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.print_readable(print_output=False))  # with nested subgraphs
+        return gm.forward
+
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    torch.compile(lambda t: sparsity_ext.sparsity(t).sum(), backend=backend, fullgraph=True)(x)
+    assert any("sparsity_ext" in g for g in graphs), graphs
+
+
+# --- determinism and memory -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_same_bits_every_call_and_every_thread_count(layout):
+    x = with_layout(random_input((6, 24, 30, 30), torch.float32), layout).requires_grad_(True)
+    g_out = torch.randn(6, 24)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in [1, threads, 1, max(2, threads)]:
+            torch.set_num_threads(n)
+            e = sparsity_ext.entropy(x)
+            results.append((e.detach(), torch.autograd.grad(e, x, g_out)[0]))
+    finally:
+        torch.set_num_threads(threads)
+    for e, g in results[1:]:
+        assert torch.equal(e, results[0][0]) and torch.equal(g, results[0][1])
+
+
+def _allocations(fn):
+    """Bytes allocated by each op that allocated while fn runs (torch.profiler's memory
+    records attribute every allocation to the innermost op, e.g. aten::empty)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        out = fn()
+    return out, [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_forward_allocates_nothing_of_the_size_of_x_and_backward_only_grad_x(layout):
+    x = with_layout(random_input((8, 32, 24, 24), torch.float32), layout).requires_grad_(True)
+    out, forward_allocs = _allocations(lambda: sparsity_ext.channel_stats(x))
+    assert forward_allocs, "the profiler recorded no allocation at all"
+    assert max(forward_allocs) < x.nbytes // 8, forward_allocs
+    loss = out.entropy.sum() + out.sparsity.sum()
+    grad, backward_allocs = _allocations(lambda: torch.autograd.grad(loss, x)[0])
+    big = [s for s in backward_allocs if s >= x.nbytes // 8]
+    assert big == [x.nbytes], backward_allocs
+    assert grad.nbytes == x.nbytes
