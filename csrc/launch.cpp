@@ -2,6 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include <utility>
+#include <vector>
+
 namespace sparsity_ext {
 namespace {
 
@@ -49,19 +52,49 @@ bool positions_strided_by(const at::Tensor& x, int64_t step) {
   return true;
 }
 
-// Contiguous NCHW and channels_last(_3d), or their 1-D/any-D analogues, are read in
-// place; anything else takes one contiguous copy.
-RowLayout resolve_layout(at::Tensor& x) {
-  const int64_t n = x.size(0), c = x.size(1), positions = positions_of(x);
-  const bool batch_dense = n == 1 || x.stride(0) == c * positions;
-  if (batch_dense && (c == 1 || x.stride(1) == positions) && positions_strided_by(x, 1)) {
-    return RowLayout::kRows;
+struct ResolvedLayout {
+  RowLayout layout;
+  RowStrides strides;
+};
+
+// Positions unit-stride (NCHW-like) or channels unit-stride (channels_last-like, any
+// number of spatial dims) are read in place whatever the batch and other stride, so
+// slices and expanded views cost nothing; anything else takes one contiguous copy.
+ResolvedLayout resolve_layout(at::Tensor& x) {
+  const int64_t c = x.size(1), positions = positions_of(x);
+  const int64_t batch_stride = x.size(0) == 1 ? 0 : x.stride(0);
+  if (positions_strided_by(x, 1)) {
+    return {RowLayout::kRows, {batch_stride, c == 1 ? 0 : x.stride(1), 1}};
   }
-  if (batch_dense && (c == 1 || x.stride(1) == 1) && positions_strided_by(x, c)) {
-    return RowLayout::kChannelsLast;
+  if (c > 1 && x.stride(1) == 1) {
+    // The innermost spatial dim of size > 1 sets the position step; the rest must follow.
+    for (int64_t d = x.dim() - 1; d >= 2; --d) {
+      if (x.size(d) > 1) {
+        if (positions_strided_by(x, x.stride(d))) {
+          return {RowLayout::kChannelsLast, {batch_stride, 1, x.stride(d)}};
+        }
+        break;
+      }
+    }
   }
   x = x.contiguous();
-  return RowLayout::kRows;
+  return {RowLayout::kRows, {c * positions, positions, 1}};
+}
+
+// grad_x is dense in the layout x was read in: contiguous, or channels innermost.
+std::pair<at::Tensor, RowStrides> allocate_dense_like(const at::Tensor& x, RowLayout layout) {
+  const int64_t c = x.size(1), positions = positions_of(x);
+  if (layout == RowLayout::kRows) {
+    return {at::empty(x.sizes(), x.options()), {c * positions, positions, 1}};
+  }
+  std::vector<int64_t> perm{0}, inverse{0, x.dim() - 1};
+  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
+  perm.push_back(1);
+  for (int64_t d = 1; d < x.dim() - 1; ++d) inverse.push_back(d);
+  std::vector<int64_t> permuted_sizes;
+  for (int64_t d : perm) permuted_sizes.push_back(x.size(d));
+  at::Tensor grad = at::empty(permuted_sizes, x.options()).permute(inverse);
+  return {grad, {positions * c, 1, c}};
 }
 
 void check_grad(const at::Tensor& grad, const at::Tensor& x, const char* name) {
@@ -80,7 +113,7 @@ ForwardCall prepare_forward(const at::Tensor& input) {
   check_input(input);
   ForwardCall call;
   call.x = input;
-  const RowLayout layout = resolve_layout(call.x);
+  const ResolvedLayout resolved = resolve_layout(call.x);
   const int64_t n = input.size(0), c = input.size(1);
   call.entropy = at::empty({n, c}, input.options());
   call.perplexity = at::empty({n, c}, input.options());
@@ -89,7 +122,7 @@ ForwardCall prepare_forward(const at::Tensor& input) {
   call.params = ForwardParams{call.x.const_data_ptr(), call.entropy.mutable_data_ptr(),
                               call.perplexity.mutable_data_ptr(), call.sparsity.mutable_data_ptr(),
                               call.row_stats.mutable_data_ptr(), n, c, positions_of(input),
-                              layout, scalar_kind(input)};
+                              resolved.layout, scalar_kind(input), resolved.strides};
   return call;
 }
 
@@ -113,13 +146,13 @@ BackwardCall prepare_backward(
 
   BackwardCall call;
   call.x = input;
-  const RowLayout layout = resolve_layout(call.x);
+  const ResolvedLayout resolved = resolve_layout(call.x);
   call.row_stats = row_stats.contiguous();
   call.grad_entropy = grad_entropy;
   call.grad_perplexity = grad_perplexity;
   call.grad_sparsity = grad_sparsity;
-  // x is now dense in `layout`, so empty_like keeps exactly that layout for grad_x.
-  call.grad_x = at::empty_like(call.x);
+  RowStrides grad_x_strides;
+  std::tie(call.grad_x, grad_x_strides) = allocate_dense_like(input, resolved.layout);
   BackwardParams& p = call.params;
   p.x = call.x.const_data_ptr();
   p.row_stats = call.row_stats.const_data_ptr();
@@ -135,8 +168,10 @@ BackwardCall prepare_backward(
   p.batch = n;
   p.channels = c;
   p.positions = positions_of(input);
-  p.layout = layout;
+  p.layout = resolved.layout;
   p.dtype = scalar_kind(input);
+  p.x_strides = resolved.strides;
+  p.grad_x_strides = grad_x_strides;
   return call;
 }
 

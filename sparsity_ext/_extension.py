@@ -135,10 +135,11 @@ def _build_name(with_cuda: bool, archs: tuple[str, ...]) -> str:
     """A name that changes with anything that changes the binary, so caches never go stale."""
     digest = hashlib.sha256()
     root = csrc_dir()
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in {".h", ".cpp", ".cu", ".cuh"}:
-            digest.update(path.relative_to(root).as_posix().encode())
-            digest.update(path.read_bytes())
+    folders = {Path(name).parent for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())}
+    headers = [p for folder in folders for p in (root / folder).glob("*.h*")]
+    for path in sorted({*map(Path, sources(with_cuda)), *headers}):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
     digest.update(" ".join(cxx_flags() + ld_flags()).encode())
     digest.update(torch.__version__.encode())
     if with_cuda:

@@ -20,10 +20,9 @@ __all__ = ["ChannelStats", "ChannelStatsFunction", "channel_stats", "entropy", "
            "sparsity"]
 
 
-def _reads_in_place(x: torch.Tensor) -> bool:
-    """Mirror of resolve_layout in csrc/launch.cpp: is x read without a contiguous copy?"""
-    n, c = x.shape[0], x.shape[1]
-    positions = x.shape[2:].numel()
+def _grad_x_like(x: torch.Tensor) -> torch.Tensor:
+    """Mirror of resolve_layout/allocate_dense_like in csrc/launch.cpp: grad_x is dense,
+    channels innermost when x has unit channel stride and is not unit position stride."""
 
     def positions_strided_by(step: int) -> bool:
         expected = step
@@ -35,10 +34,13 @@ def _reads_in_place(x: torch.Tensor) -> bool:
             expected *= x.shape[d]
         return True
 
-    batch_dense = n == 1 or x.stride(0) == c * positions
-    rows = (c == 1 or x.stride(1) == positions) and positions_strided_by(1)
-    channels_last = (c == 1 or x.stride(1) == 1) and positions_strided_by(c)
-    return batch_dense and (rows or channels_last)
+    if not positions_strided_by(1) and x.shape[1] > 1 and x.stride(1) == 1:
+        inner = [d for d in range(2, x.dim()) if x.shape[d] > 1]
+        if positions_strided_by(x.stride(inner[-1])):
+            perm = [0, *range(2, x.dim()), 1]
+            inverse = [0, x.dim() - 1, *range(1, x.dim() - 1)]
+            return x.new_empty([x.shape[d] for d in perm]).permute(inverse)
+    return x.new_empty(x.shape)
 
 
 _fakes_registered = False
@@ -62,7 +64,7 @@ def register_fake_kernels() -> None:
     @torch.library.register_fake("sparsity_ext::channel_stats_backward")
     def _backward_fake(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity):
         reference.check_input(x)
-        return torch.empty_like(x) if _reads_in_place(x) else x.new_empty(x.shape)
+        return _grad_x_like(x)
 
 
 class ChannelStatsFunction(torch.autograd.Function):

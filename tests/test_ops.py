@@ -337,7 +337,8 @@ def _allocations(fn):
     return out, [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "expanded",
+                                    "channels_last_batch_sliced"])
 def test_forward_allocates_nothing_of_the_size_of_x_and_backward_only_grad_x(layout):
     x = with_layout(random_input((8, 32, 24, 24), torch.float32), layout).requires_grad_(True)
     out, forward_allocs = _allocations(lambda: sparsity_ext.channel_stats(x))

@@ -9,7 +9,8 @@ from sparsity_ext import _extension, reference
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-LAYOUTS = ["contiguous", "channels_last", "sliced", "permuted"]
+LAYOUTS = ["contiguous", "channels_last", "sliced", "permuted", "batch_sliced",
+           "channels_last_batch_sliced", "expanded"]
 
 # Relative size of one rounding of the result to its dtype; float32/64 accumulate exactly
 # enough that a few ulps of the accumulation type bound the error.
@@ -32,11 +33,21 @@ def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
         inverse = [0, x.dim() - 1, *range(1, x.dim() - 1)]
         return x.permute(perm).contiguous().permute(inverse)
     if layout == "sliced":
-        # Every other channel of a wider tensor: neither layout, so the op copies once.
+        # Every other channel of a wider tensor: read in place with a channel stride.
         wide = torch.stack([x, torch.randn_like(x)], dim=2).flatten(1, 2)
         return wide[:, ::2]
+    if layout in ("batch_sliced", "channels_last_batch_sliced"):
+        # Every other sample of a twice larger batch: read in place with a batch stride.
+        inner = "contiguous" if layout == "batch_sliced" else "channels_last"
+        wide = with_layout(torch.randn((2 * x.shape[0], *x.shape[1:]), dtype=x.dtype,
+                                       device=x.device), inner)
+        wide[::2] = x
+        return wide[::2]
+    if layout == "expanded":
+        # One sample seen N times (batch stride 0): read in place, never copied.
+        return x[:1].expand_as(x)
     if layout == "permuted":
-        # Spatial dims reversed in memory.
+        # Spatial dims reversed in memory: neither layout, so the op copies once.
         perm = [0, 1, *reversed(range(2, x.dim()))]
         return x.permute(perm).contiguous().permute(perm)
     raise ValueError(layout)

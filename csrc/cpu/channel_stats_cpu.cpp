@@ -5,9 +5,9 @@
 // floor on CPU), and the chunk states merge in order through EntropyState::merge.
 // A row's result therefore does not depend on the thread count: same bits always.
 //
-// Layouts: kRows walks each row with unit stride; kChannelsLast (N, L, C) vectorises
-// across channels (one vector = Pack::kWidth consecutive channels of one sample) and
-// walks the positions, so every load is contiguous.
+// Layouts: kRows walks each row with unit stride; kChannelsLast (channels unit-stride)
+// vectorises across channels (one vector = Pack::kWidth consecutive channels of one
+// sample) and walks the positions, so every load is contiguous.
 //
 // Backward, per element: grad_x = coef * exp(d - log_sum) * (d - mean_shift) with
 // d = max(x - max, floor) and one coef per row (see entropy_state.h for the derivation).
@@ -43,13 +43,16 @@ constexpr int64_t kChannelsLastChunk = 1 << 9;  // kChannelsLast: 512 positions 
 inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   // 2^(x log2 e) = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, and 2^f from its
-  // degree-6 Taylor polynomial (relative error < 2e-7, about 1 ulp); scalef applies 2^n
-  // and underflows to exactly 0. The floor at -160 keeps n finite (exp(-inf) = 0) and,
-  // as max_ps returns its second operand on NaN, leaves NaN as NaN.
-  const __m512 y = _mm512_max_ps(_mm512_set1_ps(-160.0f),
-                                 _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)));
-  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(y, n);
+  // degree-6 Taylor polynomial (relative error < 2e-7, about 1 ulp); scalef applies 2^n.
+  // Results below 2^-125 are set to exactly 0 by the mask rather than computed: an
+  // underflowing scalef takes a microcode assist that costs more than the whole row
+  // (masked -inf lanes hit it on every tail). The mask is "not less than", so NaN stays.
+  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 lowest = _mm512_set1_ps(-125.0f);
+  const __mmask16 representable = _mm512_cmp_ps_mask(y, lowest, _CMP_NLT_UQ);
+  const __m512 yc = _mm512_max_ps(lowest, y);  // max_ps returns its 2nd operand on NaN
+  const __m512 n = _mm512_roundscale_ps(yc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(yc, n);
   __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
@@ -57,7 +60,7 @@ inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(representable, p, n);
 #else
   return x.exp_u20();
 #endif
@@ -122,36 +125,61 @@ struct Pack {
 
 // --- forward ------------------------------------------------------------------------
 
-// State of `count` consecutive elements: a max pass, then an exp pass from cache.
+// State of `count` consecutive elements: a max pass, then an exp pass from cache. Both
+// loops keep kUnroll independent accumulators so that they are not latency bound.
 template <typename scalar_t>
 EntropyState<acc_type<scalar_t>> contiguous_chunk_state(const scalar_t* x, int64_t count) {
   using P = Pack<scalar_t>;
   using acc_t = typename P::acc_t;
   using Vec = typename P::Vec;
   constexpr int64_t W = P::kWidth;
+  constexpr int kUnroll = 4;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
   Vec v[P::kVecs];
-  Vec vmax(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t i = 0; i < count; i += W) {
-    P::load(x + i, std::min(W, count - i), v);
-    for (int k = 0; k < P::kVecs; ++k) vmax = at::vec::maximum(vmax, v[k]);
-  }
-  const acc_t row_max = reduce_max(vmax);
-  // Only masked positions: this part contributes nothing (and -inf - -inf would be NaN).
-  if (row_max == -std::numeric_limits<acc_t>::infinity()) return EntropyState<acc_t>::empty();
-
-  const Vec shift_by(row_max);
-  Vec sum(0), shifted(0);
-  for (int64_t i = 0; i < count; i += W) {
-    P::load(x + i, std::min(W, count - i), v);
-    for (int k = 0; k < P::kVecs; ++k) {
-      const Vec d = clamp_shift(v[k] - shift_by);
-      const Vec e = exp_nonpositive(d);
-      sum = sum + e;
-      shifted = at::vec::fmadd(d, e, shifted);
+  Vec vmax[kUnroll];
+  for (int u = 0; u < kUnroll; ++u) vmax[u] = Vec(kNegInf);
+  int64_t i = 0;
+  for (; i + kUnroll * W <= count; i += kUnroll * W) {
+    for (int u = 0; u < kUnroll; ++u) {
+      P::load(x + i + u * W, W, v);
+      for (int k = 0; k < P::kVecs; ++k) vmax[u] = at::vec::maximum(vmax[u], v[k]);
     }
   }
-  return {row_max, reduce_sum(sum), reduce_sum(shifted)};
+  for (; i < count; i += W) {
+    P::load(x + i, std::min(W, count - i), v);
+    for (int k = 0; k < P::kVecs; ++k) vmax[0] = at::vec::maximum(vmax[0], v[k]);
+  }
+  for (int u = 1; u < kUnroll; ++u) vmax[0] = at::vec::maximum(vmax[0], vmax[u]);
+  const acc_t row_max = reduce_max(vmax[0]);
+  // Only masked positions: this part contributes nothing (and -inf - -inf would be NaN).
+  if (row_max == kNegInf) return EntropyState<acc_t>::empty();
+
+  const Vec shift_by(row_max);
+  Vec sum[kUnroll], shifted[kUnroll];
+  for (int u = 0; u < kUnroll; ++u) sum[u] = shifted[u] = Vec(0);
+  auto accumulate = [&](int u, const Vec& value) {
+    const Vec d = clamp_shift(value - shift_by);
+    const Vec e = exp_nonpositive(d);
+    sum[u] = sum[u] + e;
+    shifted[u] = at::vec::fmadd(d, e, shifted[u]);
+  };
+  i = 0;
+  for (; i + kUnroll * W <= count; i += kUnroll * W) {
+    for (int u = 0; u < kUnroll; ++u) {
+      P::load(x + i + u * W, W, v);
+      for (int k = 0; k < P::kVecs; ++k) accumulate(u, v[k]);
+    }
+  }
+  for (; i < count; i += W) {
+    P::load(x + i, std::min(W, count - i), v);
+    for (int k = 0; k < P::kVecs; ++k) accumulate(0, v[k]);
+  }
+  for (int u = 1; u < kUnroll; ++u) {
+    sum[0] = sum[0] + sum[u];
+    shifted[0] = shifted[0] + shifted[u];
+  }
+  return {row_max, reduce_sum(sum[0]), reduce_sum(shifted[0])};
 }
 
 template <typename scalar_t>
@@ -172,11 +200,12 @@ template <typename scalar_t>
 void forward_rows(const ForwardParams& p) {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  const int64_t L = p.positions;
+  const int64_t L = p.positions, C = p.channels;
+  const RowStrides& xs = p.x_strides;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / L);
-  at::parallel_for(0, p.batch * p.channels, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.batch * C, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* xr = x + row * L;
+      const scalar_t* xr = x + (row / C) * xs.batch + (row % C) * xs.channel;
       auto state = EntropyState<acc_t>::empty();
       for (int64_t start = 0; start < L; start += kRowChunk) {
         state.merge(contiguous_chunk_state(xr + start, std::min(kRowChunk, L - start)));
@@ -194,7 +223,7 @@ void forward_channels_last(const ForwardParams& p) {
   constexpr int64_t W = P::kWidth;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  const int64_t C = p.channels, L = p.positions;
+  const int64_t C = p.channels, L = p.positions, step = p.x_strides.position;
   const int64_t blocks = (C + W - 1) / W;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * W));
 
@@ -202,7 +231,7 @@ void forward_channels_last(const ForwardParams& p) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks, c0 = (item % blocks) * W;
       const int64_t lanes = std::min(W, C - c0);
-      const scalar_t* xb = x + n * L * C + c0;
+      const scalar_t* xb = x + n * p.x_strides.batch + c0;
       EntropyState<acc_t> state[W];
       for (int64_t j = 0; j < W; ++j) state[j] = EntropyState<acc_t>::empty();
 
@@ -211,7 +240,7 @@ void forward_channels_last(const ForwardParams& p) {
         Vec v[P::kVecs], vmax[P::kVecs];
         for (int k = 0; k < P::kVecs; ++k) vmax[k] = Vec(kNegInf);
         for (int64_t i = start; i < stop; ++i) {
-          P::load(xb + i * C, lanes, v);
+          P::load(xb + i * step, lanes, v);
           for (int k = 0; k < P::kVecs; ++k) vmax[k] = at::vec::maximum(vmax[k], v[k]);
         }
         // A lane with only masked positions shifts by 0 instead of -inf (no NaN); its
@@ -223,7 +252,7 @@ void forward_channels_last(const ForwardParams& p) {
           shifted[k] = Vec(0);
         }
         for (int64_t i = start; i < stop; ++i) {
-          P::load(xb + i * C, lanes, v);
+          P::load(xb + i * step, lanes, v);
           for (int k = 0; k < P::kVecs; ++k) {
             const Vec d = clamp_shift(v[k] - shift_by[k]);
             const Vec e = exp_nonpositive(d);
@@ -270,16 +299,18 @@ void backward_rows(const BackwardParams& p) {
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x);
   const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
-  const int64_t L = p.positions, rows = p.batch * p.channels;
+  const int64_t L = p.positions, C = p.channels, rows = p.batch * C;
+  const RowStrides &xs = p.x_strides, &gs = p.grad_x_strides;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / L);
 
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / C, c = row % C;
       const Vec row_max(stats[row]), log_sum(stats[rows + row]),
           mean_shift(stats[2 * rows + row]);
-      const Vec coef(row_coefficient<scalar_t>(p, row / p.channels, row % p.channels));
-      const scalar_t* xr = x + row * L;
-      scalar_t* gr = grad_x + row * L;
+      const Vec coef(row_coefficient<scalar_t>(p, n, c));
+      const scalar_t* xr = x + n * xs.batch + c * xs.channel;
+      scalar_t* gr = grad_x + n * gs.batch + c * gs.channel;
       Vec v[P::kVecs];
       for (int64_t i = 0; i < L; i += W) {
         const int64_t count = std::min(W, L - i);
@@ -327,16 +358,17 @@ void backward_channels_last(const BackwardParams& p) {
         mean_shift[k] = Vec::loadu(lane_stats[2] + k * P::kLanes);
         coef[k] = Vec::loadu(lane_stats[3] + k * P::kLanes);
       }
-      const scalar_t* xb = x + n * L * C + c0;
-      scalar_t* gb = grad_x + n * L * C + c0;
+      const scalar_t* xb = x + n * p.x_strides.batch + c0;
+      scalar_t* gb = grad_x + n * p.grad_x_strides.batch + c0;
+      const int64_t x_step = p.x_strides.position, grad_step = p.grad_x_strides.position;
       Vec v[P::kVecs];
       for (int64_t i = 0; i < L; ++i) {
-        P::load(xb + i * C, lanes, v);
+        P::load(xb + i * x_step, lanes, v);
         for (int k = 0; k < P::kVecs; ++k) {
           const Vec d = clamp_shift(v[k] - row_max[k]);
           v[k] = coef[k] * exp_nonpositive(d - log_sum[k]) * (d - mean_shift[k]);
         }
-        P::store(gb + i * C, lanes, v);
+        P::store(gb + i * grad_step, lanes, v);
       }
     }
   });
