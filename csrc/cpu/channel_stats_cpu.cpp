@@ -20,6 +20,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -74,6 +75,14 @@ inline Vectorized<acc_t> clamp_shift(const Vectorized<acc_t>& shift) {
   return at::vec::maximum(shift, Vectorized<acc_t>(ShiftFloor<acc_t>::value));
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+inline Vectorized<float> clamp_shift(const Vectorized<float>& shift) {
+  // One instruction: max_ps returns its second operand when either is NaN.
+  return _mm512_max_ps(_mm512_set1_ps(ShiftFloor<float>::value), shift);
+}
+#endif
+
 template <typename acc_t>
 inline acc_t reduce_max(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>(
@@ -108,10 +117,22 @@ struct Pack {
     }
     if (count < kWidth) {
       for (int k = 0; k < kVecs; ++k) {
-        const int64_t lanes = std::clamp<int64_t>(count - k * kLanes, 0, kLanes);
-        out[k] = Vec::set(masked, out[k], lanes);
+        out[k] = keep_first(masked, out[k], std::clamp<int64_t>(count - k * kLanes, 0, kLanes));
       }
     }
+  }
+
+  // The first `lanes` lanes of v, the rest from `fill`.
+  static Vec keep_first(const Vec& fill, const Vec& v, int64_t lanes) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return _mm512_mask_blend_ps(static_cast<__mmask16>((1u << lanes) - 1), fill, v);
+    } else {
+      return _mm512_mask_blend_pd(static_cast<__mmask8>((1u << lanes) - 1), fill, v);
+    }
+#else
+    return Vec::set(fill, v, lanes);  // a switch over `lanes` in at::vec
+#endif
   }
 
   static void store(scalar_t* p, int64_t count, const Vec (&in)[kVecs]) {
@@ -182,18 +203,127 @@ EntropyState<acc_type<scalar_t>> contiguous_chunk_state(const scalar_t* x, int64
   return {row_max, reduce_sum(sum[0]), reduce_sum(shifted[0])};
 }
 
+// Finishes `count` consecutive rows from their states (max, sum, shifted), several rows
+// per vector: finalize() of entropy_state.h lane by lane, with at::vec's log and exp.
+// Per-row scalar log/exp and scattered stores would otherwise dominate 7x7 rows.
 template <typename scalar_t>
-void store_row(const ForwardParams& p, int64_t row, const EntropyState<acc_type<scalar_t>>& s) {
+void store_rows(const ForwardParams& p, int64_t first, int64_t count,
+                const acc_type<scalar_t>* row_max, const acc_type<scalar_t>* sum,
+                const acc_type<scalar_t>* shifted) {
   using acc_t = acc_type<scalar_t>;
-  const auto r = finalize(s, p.positions);
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
   const int64_t rows = p.batch * p.channels;
-  static_cast<scalar_t*>(p.entropy)[row] = static_cast<scalar_t>(r.entropy);
-  static_cast<scalar_t*>(p.perplexity)[row] = static_cast<scalar_t>(r.perplexity);
-  static_cast<scalar_t*>(p.sparsity)[row] = static_cast<scalar_t>(r.sparsity);
+  const acc_t length = static_cast<acc_t>(p.positions);
   acc_t* stats = static_cast<acc_t*>(p.row_stats);
-  stats[row] = r.max;
-  stats[rows + row] = r.log_sum;
-  stats[2 * rows + row] = r.mean_shift;
+  scalar_t* outputs[3] = {static_cast<scalar_t*>(p.entropy), static_cast<scalar_t*>(p.perplexity),
+                          static_cast<scalar_t*>(p.sparsity)};
+  for (int64_t j = 0; j < count; j += V) {
+    const int64_t k = std::min(V, count - j);
+    const Vec m = Vec::loadu(row_max + j, k), s = Vec::loadu(sum + j, k),
+              t = Vec::loadu(shifted + j, k);
+    const Vec log_sum = s.log(), mean_shift = t / s;
+    const Vec entropy = log_sum - mean_shift;
+    const Vec perplexity = entropy.exp();
+    const Vec sparsity = p.positions > 1 ? (Vec(length) - perplexity) / Vec(length - acc_t(1))
+                                         : perplexity * Vec(0);  // L == 1: 0, NaN stays NaN
+    const Vec values[3] = {entropy, perplexity, sparsity};
+    for (int o = 0; o < 3; ++o) {
+      if constexpr (at::is_reduced_floating_point_v<scalar_t>) {
+        at::vec::convert_from_float<scalar_t>(values[o], values[o]).store(outputs[o] + first + j, k);
+      } else {
+        values[o].store(outputs[o] + first + j, k);
+      }
+    }
+    m.store(stats + first + j, k);
+    log_sum.store(stats + rows + first + j, k);
+    mean_shift.store(stats + 2 * rows + first + j, k);
+  }
+}
+
+// Rows of at most this many positions take the row-per-lane path below.
+constexpr int64_t kShortRow = 64;
+
+// Short rows (7x7 = 49 positions): one row per lane, `count` <= 16 rows at once, each
+// position gathered across the rows. No horizontal reduction and no partial vector per
+// row, which is what a row-at-a-time loop spends most of its time on at this length.
+// Returns false where it does not apply (the caller then goes row by row).
+template <typename scalar_t>
+bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
+                      acc_type<scalar_t>* row_max, acc_type<scalar_t>* sum,
+                      acc_type<scalar_t>* shifted) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
+    return false;
+  } else {
+    const int64_t L = p.positions, C = p.channels;
+    if (L > kShortRow) return false;
+    const RowStrides& xs = p.x_strides;
+    const scalar_t* x = static_cast<const scalar_t*>(p.x);
+    const float* base;
+    float widened[16 * kShortRow];
+    alignas(64) int32_t offsets[16] = {};
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      // Gather straight from x, relative to the first row (32-bit offsets must fit).
+      base = x + (first / C) * xs.batch + (first % C) * xs.channel;
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t row = first + j;
+        const int64_t offset = x + (row / C) * xs.batch + (row % C) * xs.channel - base;
+        if (offset < 0 || offset > INT32_MAX - L) return false;
+        offsets[j] = static_cast<int32_t>(offset);
+      }
+    } else {
+      // Half types: widen the rows to float first (at most 16 x 64 values, in L1).
+      using P = Pack<scalar_t>;
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t row = first + j;
+        const scalar_t* xr = x + (row / C) * xs.batch + (row % C) * xs.channel;
+        for (int64_t i = 0; i < L; i += P::kWidth) {
+          typename P::Vec v[P::kVecs];
+          P::load(xr + i, std::min(P::kWidth, L - i), v);
+          for (int k = 0; k < P::kVecs; ++k) {
+            const int64_t at = i + k * P::kLanes;
+            if (at < L) v[k].store(widened + j * L + at, std::min(P::kLanes, L - at));
+          }
+        }
+        offsets[j] = static_cast<int32_t>(j * L);
+      }
+      base = widened;
+    }
+    const __mmask16 active = static_cast<__mmask16>((1u << count) - 1);
+    const __m512i first_index = _mm512_load_si512(offsets);
+    const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    auto gather = [&](int64_t i) {
+      const __m512i index = _mm512_add_epi32(first_index, _mm512_set1_epi32(static_cast<int>(i)));
+      return Vectorized<float>(_mm512_mask_i32gather_ps(neg_inf, active, index, base, 4));
+    };
+    // One gather per position, kept transposed (position-major) for the exp pass.
+    alignas(64) float transposed[kShortRow * 16];
+    Vectorized<float> vmax(neg_inf);
+    for (int64_t i = 0; i < L; ++i) {
+      const Vectorized<float> v = gather(i);
+      v.store(transposed + i * 16);
+      vmax = at::vec::maximum(vmax, v);
+    }
+    // Rows of only masked positions shift by 0 (no -inf - -inf); their sum stays 0.
+    const Vectorized<float> shift_by =
+        Vectorized<float>::blendv(vmax, Vectorized<float>(0), vmax == Vectorized<float>(neg_inf));
+    Vectorized<float> s(0), t(0);
+    for (int64_t i = 0; i < L; ++i) {
+      const Vectorized<float> d =
+          clamp_shift(Vectorized<float>::loadu(transposed + i * 16) - shift_by);
+      const Vectorized<float> e = exp_nonpositive(d);
+      s = s + e;
+      t = at::vec::fmadd(d, e, t);
+    }
+    vmax.store(row_max, count);
+    s.store(sum, count);
+    t.store(shifted, count);
+    return true;
+  }
+#else
+  return false;
+#endif
 }
 
 template <typename scalar_t>
@@ -203,14 +333,27 @@ void forward_rows(const ForwardParams& p) {
   const int64_t L = p.positions, C = p.channels;
   const RowStrides& xs = p.x_strides;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / L);
+  constexpr int64_t kGroup = Vectorized<acc_t>::size();  // rows finished together
   at::parallel_for(0, p.batch * C, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* xr = x + (row / C) * xs.batch + (row % C) * xs.channel;
-      auto state = EntropyState<acc_t>::empty();
-      for (int64_t start = 0; start < L; start += kRowChunk) {
-        state.merge(contiguous_chunk_state(xr + start, std::min(kRowChunk, L - start)));
+    acc_t m[kGroup], s[kGroup], t[kGroup];
+    for (int64_t first = begin; first < end; first += kGroup) {
+      const int64_t count = std::min(kGroup, end - first);
+      if (short_rows_state<scalar_t>(p, first, count, m, s, t)) {
+        store_rows<scalar_t>(p, first, count, m, s, t);
+        continue;
       }
-      store_row<scalar_t>(p, row, state);
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t row = first + j;
+        const scalar_t* xr = x + (row / C) * xs.batch + (row % C) * xs.channel;
+        auto state = EntropyState<acc_t>::empty();
+        for (int64_t start = 0; start < L; start += kRowChunk) {
+          state.merge(contiguous_chunk_state(xr + start, std::min(kRowChunk, L - start)));
+        }
+        m[j] = state.max;
+        s[j] = state.sum;
+        t[j] = state.shifted;
+      }
+      store_rows<scalar_t>(p, first, count, m, s, t);
     }
   });
 }
@@ -268,7 +411,13 @@ void forward_channels_last(const ForwardParams& p) {
         }
         for (int64_t j = 0; j < lanes; ++j) state[j].merge({m[j], s[j], t[j]});
       }
-      for (int64_t j = 0; j < lanes; ++j) store_row<scalar_t>(p, n * C + c0 + j, state[j]);
+      acc_t m[W], s[W], t[W];
+      for (int64_t j = 0; j < lanes; ++j) {
+        m[j] = state[j].max;
+        s[j] = state[j].sum;
+        t[j] = state[j].shifted;
+      }
+      store_rows<scalar_t>(p, n * C + c0, lanes, m, s, t);
     }
   });
 }
