@@ -349,3 +349,13 @@ def test_forward_allocates_nothing_of_the_size_of_x_and_backward_only_grad_x(lay
     big = [s for s in backward_allocs if s >= x.nbytes // 8]
     assert big == [x.nbytes], backward_allocs
     assert grad.nbytes == x.nbytes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_among_only_masked_positions_of_a_long_row(dtype):
+    """A chunk of a long row holding only -inf and NaN must still poison the row."""
+    x = random_input((1, 2, 40_000), dtype)
+    x[0, 0, 20_000:30_000] = float("-inf")
+    x[0, 0, 25_000] = float("nan")
+    stats = sparsity_ext.channel_stats(x)
+    assert stats.entropy[0, 0].isnan() and torch.isfinite(stats.entropy[0, 1])

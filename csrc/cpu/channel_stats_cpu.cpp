@@ -40,17 +40,15 @@ constexpr int64_t kElementsPerTask = 1 << 15;
 constexpr int64_t kRowChunk = 1 << 13;          // kRows: 8192 elements, 32 KB in float
 constexpr int64_t kChannelsLastChunk = 1 << 9;  // kChannelsLast: 512 positions x one vector
 
-// exp(x) for x <= 0 (or NaN), the hot spot of both passes.
-inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  // 2^(x log2 e) = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, and 2^f from its
-  // degree-6 Taylor polynomial (relative error < 2e-7, about 1 ulp); scalef applies 2^n.
-  // Results below 2^-125 are set to exactly 0 by the mask rather than computed: an
-  // underflowing scalef takes a microcode assist that costs more than the whole row
-  // (masked -inf lanes hit it on every tail). The mask is "not less than", so NaN stays.
-  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+// 2^y for y <= 0 (or NaN): 2^n * 2^f with n = round(y), |f| <= 1/2, and 2^f from its
+// degree-6 Taylor polynomial (relative error < 2e-7, about 1 ulp); scalef applies 2^n.
+// Results below 2^-125 are set to exactly 0 through `representable` rather than
+// computed: an underflowing scalef takes a microcode assist that costs more than a whole
+// short row. The mask is "not less than", so NaN lanes stay representable and NaN.
+inline __m512 exp2_nonpositive(__m512 y, __mmask16& representable) {
   const __m512 lowest = _mm512_set1_ps(-125.0f);
-  const __mmask16 representable = _mm512_cmp_ps_mask(y, lowest, _CMP_NLT_UQ);
+  representable = _mm512_cmp_ps_mask(y, lowest, _CMP_NLT_UQ);
   const __m512 yc = _mm512_max_ps(lowest, y);  // max_ps returns its 2nd operand on NaN
   const __m512 n = _mm512_roundscale_ps(yc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(yc, n);
@@ -62,6 +60,16 @@ inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_maskz_scalef_ps(representable, p, n);
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+#endif
+
+// exp(x) for x <= 0 (or NaN): the hot spot of the backward.
+inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __mmask16 representable;
+  return exp2_nonpositive(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), representable);
 #else
   return x.exp_u20();
 #endif
@@ -82,6 +90,39 @@ inline Vectorized<float> clamp_shift(const Vectorized<float>& shift) {
   return _mm512_max_ps(_mm512_set1_ps(ShiftFloor<float>::value), shift);
 }
 #endif
+
+// The forward's inner step for shift = x - max (<= 0, -inf when masked, or NaN):
+//   sum += exp(shift),  shifted += shift * exp(shift).
+template <typename acc_t>
+inline void accumulate(const Vectorized<acc_t>& shift, Vectorized<acc_t>& sum,
+                       Vectorized<acc_t>& shifted) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // Lanes whose exp is 0 (masked ones included) leave `shifted` alone, which spares
+    // the clamp that keeps -inf * 0 from making NaN.
+    __mmask16 representable;
+    const __m512 e = exp2_nonpositive(_mm512_mul_ps(shift, _mm512_set1_ps(kLog2e)), representable);
+    sum = _mm512_add_ps(sum, e);
+    shifted = _mm512_mask3_fmadd_ps(shift, e, shifted, representable);
+    return;
+  }
+#endif
+  const Vectorized<acc_t> d = clamp_shift(shift);
+  const Vectorized<acc_t> e = exp_nonpositive(d);
+  sum = sum + e;
+  shifted = at::vec::fmadd(d, e, shifted);
+}
+
+// Running max for the max pass. On AVX-512 a plain max_ps, which skips NaN: a NaN still
+// reaches the result through the exp pass (x - max is NaN there), except in a part with
+// nothing but -inf and NaN, which the caller checks for separately.
+template <typename acc_t>
+inline Vectorized<acc_t> max_skipping_nan(const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) return _mm512_max_ps(a, b);
+#endif
+  return at::vec::maximum(a, b);
+}
 
 template <typename acc_t>
 inline acc_t reduce_max(const Vectorized<acc_t>& v) {
@@ -164,37 +205,40 @@ EntropyState<acc_type<scalar_t>> contiguous_chunk_state(const scalar_t* x, int64
   for (; i + kUnroll * W <= count; i += kUnroll * W) {
     for (int u = 0; u < kUnroll; ++u) {
       P::load(x + i + u * W, W, v);
-      for (int k = 0; k < P::kVecs; ++k) vmax[u] = at::vec::maximum(vmax[u], v[k]);
+      for (int k = 0; k < P::kVecs; ++k) vmax[u] = max_skipping_nan(v[k], vmax[u]);
     }
   }
   for (; i < count; i += W) {
     P::load(x + i, std::min(W, count - i), v);
-    for (int k = 0; k < P::kVecs; ++k) vmax[0] = at::vec::maximum(vmax[0], v[k]);
+    for (int k = 0; k < P::kVecs; ++k) vmax[0] = max_skipping_nan(v[k], vmax[0]);
   }
-  for (int u = 1; u < kUnroll; ++u) vmax[0] = at::vec::maximum(vmax[0], vmax[u]);
+  for (int u = 1; u < kUnroll; ++u) vmax[0] = max_skipping_nan(vmax[u], vmax[0]);
   const acc_t row_max = reduce_max(vmax[0]);
-  // Only masked positions: this part contributes nothing (and -inf - -inf would be NaN).
-  if (row_max == kNegInf) return EntropyState<acc_t>::empty();
+  if (row_max == kNegInf) {
+    // Only masked positions, which contribute nothing (and -inf - -inf would be NaN),
+    // unless a NaN hid among them from max_skipping_nan.
+    for (int64_t j = 0; j < count; ++j) {
+      if (static_cast<acc_t>(x[j]) != static_cast<acc_t>(x[j])) {
+        const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+        return {nan, nan, nan};
+      }
+    }
+    return EntropyState<acc_t>::empty();
+  }
 
   const Vec shift_by(row_max);
   Vec sum[kUnroll], shifted[kUnroll];
   for (int u = 0; u < kUnroll; ++u) sum[u] = shifted[u] = Vec(0);
-  auto accumulate = [&](int u, const Vec& value) {
-    const Vec d = clamp_shift(value - shift_by);
-    const Vec e = exp_nonpositive(d);
-    sum[u] = sum[u] + e;
-    shifted[u] = at::vec::fmadd(d, e, shifted[u]);
-  };
   i = 0;
   for (; i + kUnroll * W <= count; i += kUnroll * W) {
     for (int u = 0; u < kUnroll; ++u) {
       P::load(x + i + u * W, W, v);
-      for (int k = 0; k < P::kVecs; ++k) accumulate(u, v[k]);
+      for (int k = 0; k < P::kVecs; ++k) accumulate(v[k] - shift_by, sum[u], shifted[u]);
     }
   }
   for (; i < count; i += W) {
     P::load(x + i, std::min(W, count - i), v);
-    for (int k = 0; k < P::kVecs; ++k) accumulate(0, v[k]);
+    for (int k = 0; k < P::kVecs; ++k) accumulate(v[k] - shift_by, sum[0], shifted[0]);
   }
   for (int u = 1; u < kUnroll; ++u) {
     sum[0] = sum[0] + sum[u];
@@ -310,11 +354,7 @@ bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
         Vectorized<float>::blendv(vmax, Vectorized<float>(0), vmax == Vectorized<float>(neg_inf));
     Vectorized<float> s(0), t(0);
     for (int64_t i = 0; i < L; ++i) {
-      const Vectorized<float> d =
-          clamp_shift(Vectorized<float>::loadu(transposed + i * 16) - shift_by);
-      const Vectorized<float> e = exp_nonpositive(d);
-      s = s + e;
-      t = at::vec::fmadd(d, e, t);
+      accumulate(Vectorized<float>::loadu(transposed + i * 16) - shift_by, s, t);
     }
     vmax.store(row_max, count);
     s.store(sum, count);
@@ -397,10 +437,7 @@ void forward_channels_last(const ForwardParams& p) {
         for (int64_t i = start; i < stop; ++i) {
           P::load(xb + i * step, lanes, v);
           for (int k = 0; k < P::kVecs; ++k) {
-            const Vec d = clamp_shift(v[k] - shift_by[k]);
-            const Vec e = exp_nonpositive(d);
-            sum[k] = sum[k] + e;
-            shifted[k] = at::vec::fmadd(d, e, shifted[k]);
+            accumulate(v[k] - shift_by[k], sum[k], shifted[k]);
           }
         }
         acc_t m[W], s[W], t[W];

@@ -1,37 +1,38 @@
 // CUDA kernels of channel_stats (entropy, perplexity and sparsity of the spatial softmax of
 // every (n, c) row of x) and of its one-pass backward. No torch headers: register_cuda.cpp
-// hands over a ForwardParams / BackwardParams of raw pointers, sizes and strides.
+// hands over a ForwardParams / BackwardParams of raw pointers, sizes and element strides.
 //
-// Work mapping (rows = N * C, L = positions per row, "pack" = one 16-byte load when the
-// alignment allows it, else one element):
+// Work mapping (rows = N * C, L = positions per row; a "pack" is one 16-byte load when the
+// base pointer, the strides and L or C allow it, else one element; a "round" is the 2 packs
+// or 8 elements a thread loads before doing any arithmetic):
 //
-// Contiguous rows, (N, C, L):
-//   * Short rows (covered by <= 64 threads issuing one round of loads each, e.g. 7x7 = 49 or
-//     28x28 = 784 positions): a team of 1..32 lanes of one warp per row, 256 / team rows
-//     per block, merged by a warp-shuffle tree. Adjacent teams read adjacent rows, so a
-//     warp's loads fall in a few contiguous cache lines, and 10^5 rows make ~10^4 blocks.
-//   * Long rows: one block of 64..1024 threads per row, sized so that each thread issues
-//     about four rounds of loads; shuffles, then one warp over shared memory. When the rows
-//     are too few to fill the GPU (a handful of rows of 10^5..10^6 positions) and the device
-//     has thread-block clusters (sm_90+), a cluster of up to 8 blocks shares each row: every
-//     block reduces one contiguous slice and block 0 merges the slices in rank order through
-//     distributed shared memory. That is the deterministic two-stage merge without global
-//     scratch or atomics; on sm_80 such rows run one block each (fewer SMs busy).
-// Channels last, (N, L, C):
-//   * Threads map to channels so loads stay coalesced: threadIdx.x walks packs of
-//     consecutive channels of one sample (a warp covers whole runs of channels), threadIdx.y
+// Unit-stride positions (NCHW-like; any batch and channel strides, 0 when expanded):
+//   * Short rows (a 32-lane team covers them in <= 4 rounds, e.g. 7x7 = 49 or 28x28 = 784
+//     positions): a team of 1..32 lanes of one warp per row, 256 / team rows per block,
+//     merged by a warp-shuffle tree. Adjacent teams read adjacent rows, so a warp's loads
+//     fall in a few contiguous cache lines, and 10^5 rows make thousands of blocks.
+//   * Long rows: one block of 64..1024 threads per row (512 for double), sized for about
+//     four rounds per thread; shuffles, then one warp over shared memory. When the rows are
+//     too few to fill the GPU (a handful of rows of 10^5..10^6 positions) and the device has
+//     thread-block clusters (sm_90+), a cluster of up to 8 blocks shares each row: each block
+//     reduces one contiguous slice and block 0 merges the slices in rank order through
+//     distributed shared memory. That is a deterministic two-stage merge with no global
+//     scratch and no atomics; on sm_80 such rows run one block each (fewer SMs busy).
+// Unit-stride channels (channels_last-like, any batch and position strides):
+//   * Threads map to channels so loads stay coalesced: threadIdx.x walks packs of up to 4
+//     consecutive channels of one sample (a warp covers runs of 32 packs), threadIdx.y
 //     splits the positions. The y-split merges by a fixed tree in shared memory; a cluster
-//     splits the positions across blocks when N x (channel tiles) is too small.
+//     splits the positions across blocks when N x (channel tiles) would leave the GPU idle.
 // Backward (elementwise, no reduction): the same teams for short rows; fixed segments of a
 //   row per block for long rows (any number of blocks per row); channel x position tiles
 //   for channels last. Each thread computes the coefficient of its row(s) itself from
 //   row_stats and the three grads: a few cached loads and one exp.
 //
-// Each thread folds its elements into the online state (max, sum, shifted) one round of
-// loads at a time: at most one rescale per round when the maximum grows, one exp per
-// element, x read once. Merges run in a fixed order for a given launch configuration (a
-// function of shape, dtype, alignment and SM count), so results are bitwise reproducible.
-// No atomics, no allocation, no host synchronisation. Element offsets are int64_t.
+// Each thread folds its elements into the online state (max, sum, shifted) one round at a
+// time: at most one rescale per round when the maximum grows, one exp per element, x read
+// once. Merges run in a fixed order for a given launch configuration (a function of shape,
+// dtype, strides, alignment and SM count), so results are bitwise reproducible. No atomics,
+// no allocation, no host synchronisation. Element offsets are int64_t.
 
 #include "channel_stats_cuda.h"
 
@@ -48,6 +49,14 @@
 
 #include "../entropy_state.h"
 
+// The per-thread helpers are __host__ __device__ (the host compiler sees them too), where
+// "#pragma unroll" would draw unknown-pragma warnings.
+#if defined(__CUDA_ARCH__)
+#define SPARSITY_EXT_UNROLL _Pragma("unroll")
+#else
+#define SPARSITY_EXT_UNROLL
+#endif
+
 namespace sparsity_ext {
 namespace {
 
@@ -56,7 +65,7 @@ namespace {
 
 constexpr int kPackBytes = 16;               // widest load: LDG.128
 constexpr int kTeamBlockThreads = 256;       // block size when teams of <= 32 share a block
-constexpr int kTeamModeMaxThreads = 64;      // more threads than this for one round -> block per row
+constexpr int kShortRowMaxRounds = 4;        // short row: a 32-lane team needs <= 4 rounds
 constexpr int kRoundsPerThreadLongRow = 4;   // block per row: aim at this many load rounds each
 constexpr int kMinRowBlockThreads = 64;
 constexpr int kMinRoundsPerClusterThread = 2;  // don't split a row so finely that threads idle
@@ -67,7 +76,7 @@ constexpr int kBackwardRoundsPerItem = 4;    // load rounds per thread per backw
 constexpr int kMaxThreadsPerSm = 2048;       // sm_80 and sm_90
 constexpr int64_t kMaxGridX = 2147483647;    // gridDim.x limit; kernels grid-stride beyond it
 
-// Elements per load. Contiguous rows: one 16-byte pack. Channels last: at most 4 channels
+// Elements per load. Unit-stride rows: one 16-byte pack. Channels last: at most 4 channels
 // (16 bytes, or 8 for half types), since each channel of the pack carries its own state.
 template <typename scalar_t>
 constexpr int kRowsPack = kPackBytes / sizeof(scalar_t);
@@ -81,9 +90,11 @@ constexpr int kMaxRowBlockThreads = sizeof(scalar_t) == 8 ? 512 : 1024;
 template <typename scalar_t>
 constexpr int kMinBlocksPerSm256 = sizeof(scalar_t) == 8 ? 2 : 4;
 
-// Loads each thread keeps in flight per round: enough bytes in flight to cover DRAM latency.
-template <int kPack>
-constexpr int kLoadsPerRound = kPack > 1 ? 2 : 8;
+// Loads a thread issues per round before using any: 32 bytes for 16-byte packs, 8 elements
+// (4 doubles) otherwise. At 1024 resident threads per SM (64 registers) that is ~32 KB in
+// flight per SM, above what covers DRAM latency at full bandwidth (~20 KB on H100).
+template <typename scalar_t, int kPack>
+constexpr int kLoadsPerRound = kPack > 1 ? 2 : (sizeof(scalar_t) == 8 ? 4 : 8);
 
 // ----------------------------------------------------------------------------------------
 // Element types: float accumulation for half, bfloat16 and float; double for double.
@@ -140,7 +151,8 @@ __host__ __device__ __forceinline__ Pack<scalar_t, kPack> load_pack(const scalar
 }
 
 template <int kPack, typename scalar_t>
-__host__ __device__ __forceinline__ void store_pack(scalar_t* dst, const Pack<scalar_t, kPack>& pack) {
+__host__ __device__ __forceinline__ void store_pack(scalar_t* dst,
+                                                    const Pack<scalar_t, kPack>& pack) {
   *reinterpret_cast<Pack<scalar_t, kPack>*>(dst) = pack;
 }
 
@@ -151,6 +163,32 @@ __host__ __device__ __forceinline__ acc_t element_or_masked(const Pack<scalar_t,
                                                             bool valid, int k) {
   return valid ? to_acc(pack.v[k]) : negative_infinity<acc_t>();
 }
+
+// How far a grid-stride loop over rows (row = n * C + c) advances per iteration, also as
+// (n, c), computed on the host: kernel arguments live in the constant bank, not registers.
+struct RowStep {
+  int64_t rows, n, c;
+};
+
+RowStep make_row_step(int64_t rows, int64_t channels) {
+  return {rows, rows / channels, rows % channels};
+}
+
+// (n, c) of a row that advances by a RowStep: one division up front, none per step (a 64-bit
+// division costs more than the arithmetic of a short row).
+struct RowCursor {
+  int64_t n, c;
+  __host__ __device__ __forceinline__ RowCursor(int64_t row, int64_t channels)
+      : n(row / channels), c(row % channels) {}
+  __host__ __device__ __forceinline__ void advance(const RowStep& step, int64_t channels) {
+    n += step.n;
+    c += step.c;
+    if (c >= channels) {
+      c -= channels;
+      ++n;
+    }
+  }
+};
 
 // ----------------------------------------------------------------------------------------
 // Per-thread online accumulation.
@@ -167,7 +205,7 @@ template <typename acc_t, int kCount>
 __host__ __device__ __forceinline__ void accumulate_round(EntropyState<acc_t>& state,
                                                           const acc_t (&values)[kCount]) {
   acc_t new_max = state.max;
-#pragma unroll
+SPARSITY_EXT_UNROLL
   for (int k = 0; k < kCount; ++k) new_max = max_keep_nan(new_max, values[k]);
   // Only -inf so far: all masked, nothing to add (and -inf - -inf would be NaN).
   if (new_max == negative_infinity<acc_t>()) return;
@@ -178,7 +216,7 @@ __host__ __device__ __forceinline__ void accumulate_round(EntropyState<acc_t>& s
     state.sum = sum;
     state.shifted = shifted;
   }
-#pragma unroll
+SPARSITY_EXT_UNROLL
   for (int k = 0; k < kCount; ++k) {
     const acc_t shift = clamp_shift(values[k] - new_max);
     const acc_t weight = std::exp(shift);
@@ -187,29 +225,31 @@ __host__ __device__ __forceinline__ void accumulate_round(EntropyState<acc_t>& s
   }
 }
 
-// Contiguous row: this thread (`lane` of `team`) folds packs lane, lane + team, ... of the
-// pack range [begin, end). Consecutive lanes read consecutive packs (coalesced).
+// A row of unit-stride positions: this thread (`lane` of `team`) folds packs lane,
+// lane + team, ... of the pack range [begin, end). Consecutive lanes read consecutive packs.
 template <int kPack, typename scalar_t, typename acc_t>
 __host__ __device__ __forceinline__ void accumulate_row_slice(const scalar_t* row, int64_t begin,
                                                               int64_t end, int lane, int team,
                                                               EntropyState<acc_t>& state) {
-  constexpr int kLoads = kLoadsPerRound<kPack>;
+  constexpr int kLoads = kLoadsPerRound<scalar_t, kPack>;
   const int64_t round_stride = static_cast<int64_t>(team) * kLoads;
   for (int64_t i = begin + lane; i < end; i += round_stride) {
     // Issue every load of the round before any arithmetic; convert after.
     Pack<scalar_t, kPack> packs[kLoads];
     bool valid[kLoads];
-#pragma unroll
+SPARSITY_EXT_UNROLL
     for (int u = 0; u < kLoads; ++u) {
       const int64_t j = i + static_cast<int64_t>(u) * team;
       valid[u] = j < end;
       if (valid[u]) packs[u] = load_pack<kPack>(row + j * kPack);
     }
     acc_t values[kLoads * kPack];
-#pragma unroll
+SPARSITY_EXT_UNROLL
     for (int u = 0; u < kLoads; ++u) {
-#pragma unroll
-      for (int k = 0; k < kPack; ++k) values[u * kPack + k] = element_or_masked(packs[u], valid[u], k);
+SPARSITY_EXT_UNROLL
+      for (int k = 0; k < kPack; ++k) {
+        values[u * kPack + k] = element_or_masked(packs[u], valid[u], k);
+      }
     }
     accumulate_round(state, values);
   }
@@ -217,27 +257,27 @@ __host__ __device__ __forceinline__ void accumulate_row_slice(const scalar_t* ro
 
 // Channels last: this thread folds positions [begin, end) stepping by `step` of kPack
 // adjacent channels; `column` points at (n, position 0, first channel of the pack) and
-// positions are `channels` elements apart. One state per channel.
+// positions are `position_stride` elements apart. One state per channel.
 template <int kPack, typename scalar_t, typename acc_t>
 __host__ __device__ __forceinline__ void accumulate_channel_pack(
-    const scalar_t* column, int64_t channels, int64_t begin, int64_t end, int step,
+    const scalar_t* column, int64_t position_stride, int64_t begin, int64_t end, int step,
     EntropyState<acc_t> (&states)[kPack]) {
-  constexpr int kLoads = kLoadsPerRound<kPack>;
+  constexpr int kLoads = kLoadsPerRound<scalar_t, kPack>;
   const int64_t round_stride = static_cast<int64_t>(step) * kLoads;
   for (int64_t l = begin; l < end; l += round_stride) {
     Pack<scalar_t, kPack> packs[kLoads];
     bool valid[kLoads];
-#pragma unroll
+SPARSITY_EXT_UNROLL
     for (int u = 0; u < kLoads; ++u) {
       const int64_t position = l + static_cast<int64_t>(u) * step;
       valid[u] = position < end;
-      if (valid[u]) packs[u] = load_pack<kPack>(column + position * channels);
+      if (valid[u]) packs[u] = load_pack<kPack>(column + position * position_stride);
     }
     // One round per channel, converting from the raw packs (fewer live registers).
-#pragma unroll
+SPARSITY_EXT_UNROLL
     for (int k = 0; k < kPack; ++k) {
       acc_t values[kLoads];
-#pragma unroll
+SPARSITY_EXT_UNROLL
       for (int u = 0; u < kLoads; ++u) values[u] = element_or_masked(packs[u], valid[u], k);
       accumulate_round(states[k], values);
     }
@@ -247,21 +287,24 @@ __host__ __device__ __forceinline__ void accumulate_channel_pack(
 // ----------------------------------------------------------------------------------------
 // Merges across threads, blocks and cluster ranks, each in a fixed order.
 
-template <typename acc_t>
-__device__ __forceinline__ EntropyState<acc_t> shuffle_down(const EntropyState<acc_t>& s,
-                                                            int offset, int width) {
-  return {__shfl_down_sync(0xffffffffu, s.max, offset, width),
-          __shfl_down_sync(0xffffffffu, s.sum, offset, width),
-          __shfl_down_sync(0xffffffffu, s.shifted, offset, width)};
-}
-
-// Tree over the `team` lanes (a power of two <= 32) of each team in a warp; lane 0 of each
-// team ends with the team's state. Every lane of the warp must call it.
+// Merges the states of the `team` lanes (a power of two <= 32) of each team in a warp, with
+// the result EntropyState::merge would give but one exp per lane instead of two per merge:
+// the team's maximum first (a butterfly, so every lane has it), then each lane's state
+// rescaled to it, then a tree of plain sums. Lane 0 of each team ends with the team's
+// state; every lane of the warp must call it. Fixed order: deterministic.
 template <typename acc_t>
 __device__ __forceinline__ void team_reduce(EntropyState<acc_t>& state, int team) {
-  for (int offset = team / 2; offset > 0; offset /= 2) {
-    state.merge(shuffle_down(state, offset, team));
+  acc_t team_max = state.max;
+  for (int mask = team / 2; mask > 0; mask /= 2) {
+    team_max = max_keep_nan(team_max, __shfl_xor_sync(0xffffffffu, team_max, mask, team));
   }
+  acc_t sum, shifted;
+  state.rescale_to(team_max, sum, shifted);  // an empty or all-masked lane stays at 0
+  for (int offset = team / 2; offset > 0; offset /= 2) {
+    sum += __shfl_down_sync(0xffffffffu, sum, offset, team);
+    shifted += __shfl_down_sync(0xffffffffu, shifted, offset, team);
+  }
+  state = {team_max, sum, shifted};
 }
 
 // Whole (1-D) block; thread 0 ends with the block's state. Every thread must call it, and
@@ -363,11 +406,13 @@ __device__ __forceinline__ void write_row_outputs(const ForwardParams& p, int64_
 // ----------------------------------------------------------------------------------------
 // Forward kernels.
 
-// Contiguous rows. `team` lanes share a row: a power of two <= 32 (256 / team rows per
-// block), or blockDim.x (one block per row, or with kClustered one cluster per row).
+// Rows of unit-stride positions. `team` lanes share a row: a power of two <= 32 (256 / team
+// rows per block), or blockDim.x (one block per row, or with kClustered one cluster per row).
+// Row (n, c) starts at n * x_strides.batch + c * x_strides.channel (any batch/channel
+// strides, 0 for expanded dims); its positions are unit-stride.
 template <typename scalar_t, int kPack, bool kClustered>
 __global__ void __launch_bounds__(kMaxRowBlockThreads<scalar_t>, 1)
-    entropy_fwd_rows_kernel(const ForwardParams p, int team) {
+    entropy_fwd_rows_kernel(const ForwardParams p, int team, RowStep step) {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   const int64_t rows = p.batch * p.channels;
@@ -380,14 +425,17 @@ __global__ void __launch_bounds__(kMaxRowBlockThreads<scalar_t>, 1)
   // This block's slice of every row it visits: all of it unless a cluster shares the row.
   const int64_t slice_begin = packs * rank / cluster_blocks;
   const int64_t slice_end = packs * (rank + 1) / cluster_blocks;
-  const int64_t row_step = static_cast<int64_t>(gridDim.x / cluster_blocks) * teams_per_block;
+  // step.rows == (gridDim.x / cluster_blocks) * teams_per_block, set by the launcher.
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x / cluster_blocks) * teams_per_block;
+  RowCursor cursor(first_row + team_index, p.channels);
   // The loop bound is uniform over the block: shuffles and barriers need every thread.
-  for (int64_t first_row = static_cast<int64_t>(blockIdx.x / cluster_blocks) * teams_per_block;
-       first_row < rows; first_row += row_step) {
-    const int64_t row = first_row + team_index;
+  for (int64_t team_row = first_row; team_row < rows;
+       team_row += step.rows, cursor.advance(step, p.channels)) {
+    const int64_t row = team_row + team_index;
     EntropyState<acc_t> state = empty_state<acc_t>();
     if (row < rows) {
-      accumulate_row_slice<kPack>(x + row * p.positions, slice_begin, slice_end, lane, team, state);
+      const scalar_t* row_start = x + cursor.n * p.x_strides.batch + cursor.c * p.x_strides.channel;
+      accumulate_row_slice<kPack>(row_start, slice_begin, slice_end, lane, team, state);
     }
     if (team <= 32) {
       team_reduce(state, team);
@@ -401,9 +449,10 @@ __global__ void __launch_bounds__(kMaxRowBlockThreads<scalar_t>, 1)
   }
 }
 
-// Channels last. Block (tx, ty): threadIdx.x = pack of channels within a tile of blockDim.x
-// packs, threadIdx.y = position lane. Each cluster (or block) takes one (sample, channel
-// tile) per step; with kClustered the positions are split in contiguous slices by rank.
+// Channels last (unit-stride channels). Block (tx, ty): threadIdx.x = pack of channels
+// within a tile of blockDim.x packs, threadIdx.y = position lane. Each cluster (or block)
+// takes one (sample, channel tile) per step; with kClustered the positions are split in
+// contiguous slices by rank. Element (n, c, i) sits at n * batch + c + i * position stride.
 template <typename scalar_t, int kPack, bool kClustered>
 __global__ void __launch_bounds__(kChannelsLastBlockThreads, kMinBlocksPerSm256<scalar_t>)
     entropy_fwd_channels_last_kernel(const ForwardParams p, int64_t tiles_per_sample) {
@@ -434,8 +483,9 @@ __global__ void __launch_bounds__(kChannelsLastBlockThreads, kMinBlocksPerSm256<
 #pragma unroll
     for (int k = 0; k < kPack; ++k) states[k] = empty_state<acc_t>();
     if (active) {
-      const scalar_t* column = x + n * positions * channels + pack_index * kPack;
-      accumulate_channel_pack<kPack>(column, channels, slice_begin + ty, slice_end, height, states);
+      const scalar_t* column = x + n * p.x_strides.batch + pack_index * kPack;
+      accumulate_channel_pack<kPack>(column, p.x_strides.position, slice_begin + ty, slice_end,
+                                     height, states);
     }
 #pragma unroll
     for (int k = 0; k < kPack; ++k) {
@@ -490,6 +540,20 @@ __global__ void __launch_bounds__(kChannelsLastBlockThreads, kMinBlocksPerSm256<
 
 // ----------------------------------------------------------------------------------------
 // Backward kernels: grad_x_i = grad_element(x_i - max, log_sum, mean_shift, coef(row)).
+// They need no barriers, so each kernel is a thin wrapper around a per-thread function of
+// the thread's grid coordinates (which a host test can also drive, thread by thread).
+
+struct GridCoords {
+  int thread_x, thread_y;  // threadIdx
+  int block_x, block_y;    // blockDim
+  int64_t block, blocks;   // blockIdx.x, gridDim.x
+};
+
+__device__ __forceinline__ GridCoords this_thread_coords() {
+  return {static_cast<int>(threadIdx.x), static_cast<int>(threadIdx.y),
+          static_cast<int>(blockDim.x),  static_cast<int>(blockDim.y),
+          static_cast<int64_t>(blockIdx.x), static_cast<int64_t>(gridDim.x)};
+}
 
 template <typename acc_t>
 struct RowGradient {
@@ -497,14 +561,14 @@ struct RowGradient {
 };
 
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-__device__ __forceinline__ RowGradient<acc_t> load_row_gradient(const BackwardParams& p, int64_t n,
-                                                                int64_t c) {
+__host__ __device__ __forceinline__ RowGradient<acc_t> load_row_gradient(const BackwardParams& p,
+                                                                         int64_t n, int64_t c) {
   const int64_t rows = p.batch * p.channels;
   const int64_t row = n * p.channels + c;
   const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
   const void* grads[3] = {p.grad_entropy, p.grad_perplexity, p.grad_sparsity};
   acc_t g[3];
-#pragma unroll
+SPARSITY_EXT_UNROLL
   for (int k = 0; k < 3; ++k) {
     // Strides may be 0 (an expanded grad, e.g. from .sum()).
     const int64_t offset = n * p.grad_strides[k][0] + c * p.grad_strides[k][1];
@@ -520,35 +584,33 @@ __device__ __forceinline__ RowGradient<acc_t> load_row_gradient(const BackwardPa
 }
 
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ scalar_t grad_of(acc_t x, const RowGradient<acc_t>& g) {
+__host__ __device__ __forceinline__ scalar_t grad_of(acc_t x, const RowGradient<acc_t>& g) {
   return from_acc<scalar_t>(grad_element(x - g.max, g.log_sum, g.mean_shift, g.coef));
 }
 
-// Contiguous rows. Work item = (row, segment): with segments == 1, teams of `team` <= 32
-// lanes take whole rows (256 / team per block); otherwise team == blockDim.x and a block
-// takes one of `segments` equal slices of a row.
+// Rows of unit-stride positions. Work item = (row, segment): with segments == 1, teams of
+// `team` <= 32 lanes take whole rows (blockDim.x / team per block); otherwise team ==
+// blockDim.x and a block takes one of `segments` equal slices of a row.
 template <typename scalar_t, int kPack>
-__global__ void __launch_bounds__(kBackwardBlockThreads, kMinBlocksPerSm256<scalar_t>)
-    entropy_bwd_rows_kernel(const BackwardParams p, int team, int64_t segments) {
+__host__ __device__ __forceinline__ void backward_rows_thread(const BackwardParams& p, int team,
+                                                              int64_t segments, RowStep step,
+                                                              const GridCoords& at) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int kLoads = kLoadsPerRound<kPack>;
+  constexpr int kLoads = kLoadsPerRound<scalar_t, kPack>;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x);
   const int64_t channels = p.channels;
   const int64_t items = p.batch * channels * segments;
-  const int64_t packs = p.positions / kPack;
-  const int teams_per_block = static_cast<int>(blockDim.x) / team;
-  const int lane = static_cast<int>(threadIdx.x) % team;
-  const int64_t item_step = static_cast<int64_t>(gridDim.x) * teams_per_block;
+  const int64_t row_packs = p.positions / kPack;
+  const int teams_per_block = at.block_x / team;
+  const int lane = at.thread_x % team;
   const int64_t round_stride = static_cast<int64_t>(team) * kLoads;
-  // With whole rows as items, (n, c) advance by a fixed step: no 64-bit division per row.
-  int64_t item = static_cast<int64_t>(blockIdx.x) * teams_per_block + threadIdx.x / team;
-  int64_t n = item / segments / channels;
-  int64_t c = item / segments % channels;
-  const int64_t item_step_n = item_step / channels;
-  const int64_t item_step_c = item_step % channels;
-  for (; item < items; item += item_step) {
-    int64_t segment = 0;
+  // step.rows == gridDim.x * teams_per_block items, set by the launcher. With whole rows
+  // as items (segments == 1) the cursor tracks (n, c) without dividing.
+  const int64_t first_item = at.block * teams_per_block + at.thread_x / team;
+  RowCursor cursor(first_item / segments, channels);
+  for (int64_t item = first_item; item < items; item += step.rows, cursor.advance(step, channels)) {
+    int64_t segment = 0, n = cursor.n, c = cursor.c;
     if (segments > 1) {
       const int64_t row = item / segments;
       segment = item - row * segments;
@@ -556,91 +618,98 @@ __global__ void __launch_bounds__(kBackwardBlockThreads, kMinBlocksPerSm256<scal
       c = row - n * channels;
     }
     const RowGradient<acc_t> g = load_row_gradient<scalar_t>(p, n, c);
-    const int64_t row_offset = (n * channels + c) * p.positions;
-    const scalar_t* x_row = x + row_offset;
-    scalar_t* grad_row = grad_x + row_offset;
-    const int64_t begin = packs * segment / segments;
-    const int64_t end = packs * (segment + 1) / segments;
+    const scalar_t* x_row = x + n * p.x_strides.batch + c * p.x_strides.channel;
+    scalar_t* grad_row = grad_x + n * p.grad_x_strides.batch + c * p.grad_x_strides.channel;
+    const int64_t begin = row_packs * segment / segments;
+    const int64_t end = row_packs * (segment + 1) / segments;
     for (int64_t i = begin + lane; i < end; i += round_stride) {
-      Pack<scalar_t, kPack> packs[kLoads];
-#pragma unroll
+      Pack<scalar_t, kPack> loaded[kLoads];
+SPARSITY_EXT_UNROLL
       for (int u = 0; u < kLoads; ++u) {
         const int64_t j = i + static_cast<int64_t>(u) * team;
-        if (j < end) packs[u] = load_pack<kPack>(x_row + j * kPack);
+        if (j < end) loaded[u] = load_pack<kPack>(x_row + j * kPack);
       }
-#pragma unroll
+SPARSITY_EXT_UNROLL
       for (int u = 0; u < kLoads; ++u) {
         const int64_t j = i + static_cast<int64_t>(u) * team;
         if (j < end) {
           Pack<scalar_t, kPack> out;
-#pragma unroll
-          for (int k = 0; k < kPack; ++k) out.v[k] = grad_of<scalar_t>(to_acc(packs[u].v[k]), g);
+SPARSITY_EXT_UNROLL
+          for (int k = 0; k < kPack; ++k) out.v[k] = grad_of<scalar_t>(to_acc(loaded[u].v[k]), g);
           store_pack<kPack>(grad_row + j * kPack, out);
         }
-      }
-    }
-    if (segments == 1) {
-      n += item_step_n;
-      c += item_step_c;
-      if (c >= channels) {
-        c -= channels;
-        ++n;
       }
     }
   }
 }
 
+template <typename scalar_t, int kPack>
+__global__ void __launch_bounds__(kBackwardBlockThreads, kMinBlocksPerSm256<scalar_t>)
+    entropy_bwd_rows_kernel(const BackwardParams p, int team, int64_t segments, RowStep step) {
+  backward_rows_thread<scalar_t, kPack>(p, team, segments, step, this_thread_coords());
+}
+
 // Channels last. Block (tx, ty) as in the forward; work item = (sample, channel tile,
 // chunk of `chunk_positions` positions), so long rows spread over many blocks.
 template <typename scalar_t, int kPack>
-__global__ void __launch_bounds__(kChannelsLastBlockThreads, kMinBlocksPerSm256<scalar_t>)
-    entropy_bwd_channels_last_kernel(const BackwardParams p, int64_t tiles_per_sample,
-                                     int64_t chunk_positions) {
+__host__ __device__ __forceinline__ void backward_channels_last_thread(
+    const BackwardParams& p, int64_t tiles_per_sample, int64_t chunk_positions,
+    const GridCoords& at) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int kLoads = kLoadsPerRound<kPack>;
+  constexpr int kLoads = kLoadsPerRound<scalar_t, kPack>;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x);
   const int64_t channels = p.channels, positions = p.positions;
   const int64_t channel_packs = channels / kPack;
   const int64_t chunks = (positions + chunk_positions - 1) / chunk_positions;
   const int64_t items = p.batch * tiles_per_sample * chunks;
-  const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
-  const int width = static_cast<int>(blockDim.x), height = static_cast<int>(blockDim.y);
-  const int64_t round_stride = static_cast<int64_t>(height) * kLoads;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+  const int64_t round_stride = static_cast<int64_t>(at.block_y) * kLoads;
+  for (int64_t item = at.block; item < items; item += at.blocks) {
     const int64_t tile = item / chunks;
     const int64_t chunk = item - tile * chunks;
     const int64_t n = tile / tiles_per_sample;
-    const int64_t pack_index = (tile - n * tiles_per_sample) * width + tx;
-    if (pack_index >= channel_packs) continue;  // no barriers in this kernel
+    const int64_t pack_index = (tile - n * tiles_per_sample) * at.block_x + at.thread_x;
+    if (pack_index >= channel_packs) continue;  // no barriers here
     RowGradient<acc_t> g[kPack];
-#pragma unroll
-    for (int k = 0; k < kPack; ++k) g[k] = load_row_gradient<scalar_t>(p, n, pack_index * kPack + k);
-    const int64_t column_offset = n * positions * channels + pack_index * kPack;
-    const scalar_t* x_column = x + column_offset;
-    scalar_t* grad_column = grad_x + column_offset;
-    const int64_t end = chunk * chunk_positions + chunk_positions < positions
-                            ? chunk * chunk_positions + chunk_positions
-                            : positions;
-    for (int64_t l = chunk * chunk_positions + ty; l < end; l += round_stride) {
-      Pack<scalar_t, kPack> packs[kLoads];
-#pragma unroll
+SPARSITY_EXT_UNROLL
+    for (int k = 0; k < kPack; ++k) {
+      g[k] = load_row_gradient<scalar_t>(p, n, pack_index * kPack + k);
+    }
+    const scalar_t* x_column = x + n * p.x_strides.batch + pack_index * kPack;
+    scalar_t* grad_column = grad_x + n * p.grad_x_strides.batch + pack_index * kPack;
+    const int64_t x_step = p.x_strides.position, grad_step = p.grad_x_strides.position;
+    const int64_t chunk_begin = chunk * chunk_positions;
+    const int64_t chunk_end =
+        chunk_begin + chunk_positions < positions ? chunk_begin + chunk_positions : positions;
+    for (int64_t l = chunk_begin + at.thread_y; l < chunk_end; l += round_stride) {
+      Pack<scalar_t, kPack> loaded[kLoads];
+SPARSITY_EXT_UNROLL
       for (int u = 0; u < kLoads; ++u) {
-        const int64_t position = l + static_cast<int64_t>(u) * height;
-        if (position < end) packs[u] = load_pack<kPack>(x_column + position * channels);
+        const int64_t position = l + static_cast<int64_t>(u) * at.block_y;
+        if (position < chunk_end) loaded[u] = load_pack<kPack>(x_column + position * x_step);
       }
-#pragma unroll
+SPARSITY_EXT_UNROLL
       for (int u = 0; u < kLoads; ++u) {
-        const int64_t position = l + static_cast<int64_t>(u) * height;
-        if (position < end) {
+        const int64_t position = l + static_cast<int64_t>(u) * at.block_y;
+        if (position < chunk_end) {
           Pack<scalar_t, kPack> out;
-#pragma unroll
-          for (int k = 0; k < kPack; ++k) out.v[k] = grad_of<scalar_t>(to_acc(packs[u].v[k]), g[k]);
-          store_pack<kPack>(grad_column + position * channels, out);
+SPARSITY_EXT_UNROLL
+          for (int k = 0; k < kPack; ++k) {
+            out.v[k] = grad_of<scalar_t>(to_acc(loaded[u].v[k]), g[k]);
+          }
+          store_pack<kPack>(grad_column + position * grad_step, out);
         }
       }
     }
   }
+}
+
+template <typename scalar_t, int kPack>
+__global__ void __launch_bounds__(kChannelsLastBlockThreads, kMinBlocksPerSm256<scalar_t>)
+    entropy_bwd_channels_last_kernel(const BackwardParams p, int64_t tiles_per_sample,
+                                     int64_t chunk_positions) {
+  backward_channels_last_thread<scalar_t, kPack>(p, tiles_per_sample, chunk_positions,
+                                                 this_thread_coords());
 }
 
 // ----------------------------------------------------------------------------------------
@@ -704,7 +773,7 @@ RowsPlan plan_forward_rows(int64_t rows, int64_t positions, int pack, int loads,
   const int64_t per_round = static_cast<int64_t>(pack) * loads;  // elements per thread-round
   const int64_t threads_one_round = ceil_div(positions, per_round);
   RowsPlan plan;
-  if (threads_one_round <= kTeamModeMaxThreads) {
+  if (threads_one_round <= 32 * kShortRowMaxRounds) {  // short row: a team of <= 32 lanes
     plan.team = static_cast<int>(std::min<int64_t>(32, next_pow2(threads_one_round)));
     plan.threads = kTeamBlockThreads;
     plan.cluster = 1;
@@ -762,7 +831,7 @@ BackwardRowsPlan plan_backward_rows(int64_t rows, int64_t positions, int pack, i
   const int64_t threads_one_round = ceil_div(positions, static_cast<int64_t>(pack) * loads);
   BackwardRowsPlan plan;
   plan.threads = kBackwardBlockThreads;
-  if (threads_one_round <= kTeamModeMaxThreads) {
+  if (threads_one_round <= 32 * kShortRowMaxRounds) {  // short row: a team of <= 32 lanes
     plan.team = static_cast<int>(std::min<int64_t>(32, next_pow2(threads_one_round)));
     plan.segments = 1;
     plan.grid = std::min(ceil_div(rows, kBackwardBlockThreads / plan.team), kMaxGridX);
@@ -776,9 +845,13 @@ BackwardRowsPlan plan_backward_rows(int64_t rows, int64_t positions, int pack, i
   return plan;
 }
 
+// True when every pack a kernel would load from (or store to) this tensor is aligned: the
+// base pointer and the strides between rows (kRows) or between positions (channels last).
 template <typename scalar_t, int kPack>
-bool aligned_to_pack(const void* ptr) {
-  return reinterpret_cast<std::uintptr_t>(ptr) % (sizeof(scalar_t) * kPack) == 0;
+bool packs_aligned(const void* ptr, const RowStrides& strides, RowLayout layout) {
+  const bool base = reinterpret_cast<std::uintptr_t>(ptr) % (sizeof(scalar_t) * kPack) == 0;
+  const int64_t step = layout == RowLayout::kRows ? strides.channel : strides.position;
+  return base && strides.batch % kPack == 0 && step % kPack == 0;
 }
 
 // Launches a clustered kernel; false if the runtime refuses the cluster shape (e.g. a MIG
@@ -805,24 +878,28 @@ bool launch_clustered(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, int 
 
 template <typename scalar_t, int kPack>
 void launch_forward_rows(const ForwardParams& p, cudaStream_t stream, const DeviceInfo& dev) {
-  const RowsPlan plan = plan_forward_rows(p.batch * p.channels, p.positions, kPack,
-                                          kLoadsPerRound<kPack>, kMaxRowBlockThreads<scalar_t>, dev);
+  const RowsPlan plan =
+      plan_forward_rows(p.batch * p.channels, p.positions, kPack, kLoadsPerRound<scalar_t, kPack>,
+                        kMaxRowBlockThreads<scalar_t>, dev);
+  const int64_t teams_per_block = plan.threads / plan.team;
+  // Clusters (or blocks) in the grid times rows per block: the kernels' row step.
+  const int64_t grid_units = plan.grid / plan.cluster;
+  const RowStep step = make_row_step(grid_units * teams_per_block, p.channels);
   if (plan.cluster > 1 &&
       launch_clustered(entropy_fwd_rows_kernel<scalar_t, kPack, true>,
                        dim3(static_cast<unsigned>(plan.grid)), dim3(plan.threads), plan.cluster,
-                       stream, p, plan.team)) {
+                       stream, p, plan.team, step)) {
     return;
   }
-  const int64_t grid = std::min(plan.grid / plan.cluster, kMaxGridX);
   entropy_fwd_rows_kernel<scalar_t, kPack, false>
-      <<<static_cast<unsigned>(grid), plan.threads, 0, stream>>>(p, plan.team);
+      <<<static_cast<unsigned>(grid_units), plan.threads, 0, stream>>>(p, plan.team, step);
 }
 
 template <typename scalar_t, int kPack>
 void launch_forward_channels_last(const ForwardParams& p, cudaStream_t stream,
                                   const DeviceInfo& dev) {
   const ChannelsLastPlan plan = plan_forward_channels_last(
-      p.batch, p.channels, p.positions, kPack, kLoadsPerRound<kPack>, dev);
+      p.batch, p.channels, p.positions, kPack, kLoadsPerRound<scalar_t, kPack>, dev);
   const dim3 block(plan.width, plan.height);
   if (plan.cluster > 1 &&
       launch_clustered(entropy_fwd_channels_last_kernel<scalar_t, kPack, true>,
@@ -841,14 +918,14 @@ void launch_forward(const ForwardParams& p, cudaStream_t stream) {
   if (p.layout == RowLayout::kRows) {
     // Rows start on a pack boundary only if the base does and L is a multiple of the pack.
     constexpr int kPack = kRowsPack<scalar_t>;
-    if (aligned_to_pack<scalar_t, kPack>(p.x) && p.positions % kPack == 0) {
+    if (packs_aligned<scalar_t, kPack>(p.x, p.x_strides, p.layout) && p.positions % kPack == 0) {
       launch_forward_rows<scalar_t, kPack>(p, stream, dev);
     } else {
       launch_forward_rows<scalar_t, 1>(p, stream, dev);
     }
   } else {
     constexpr int kPack = kChannelsLastPack<scalar_t>;
-    if (aligned_to_pack<scalar_t, kPack>(p.x) && p.channels % kPack == 0) {
+    if (packs_aligned<scalar_t, kPack>(p.x, p.x_strides, p.layout) && p.channels % kPack == 0) {
       launch_forward_channels_last<scalar_t, kPack>(p, stream, dev);
     } else {
       launch_forward_channels_last<scalar_t, 1>(p, stream, dev);
@@ -859,16 +936,18 @@ void launch_forward(const ForwardParams& p, cudaStream_t stream) {
 template <typename scalar_t, int kPack>
 void launch_backward_rows(const BackwardParams& p, cudaStream_t stream) {
   const BackwardRowsPlan plan = plan_backward_rows(p.batch * p.channels, p.positions, kPack,
-                                                   kLoadsPerRound<kPack>);
-  entropy_bwd_rows_kernel<scalar_t, kPack>
-      <<<static_cast<unsigned>(plan.grid), plan.threads, 0, stream>>>(p, plan.team, plan.segments);
+                                                   kLoadsPerRound<scalar_t, kPack>);
+  const RowStep step = make_row_step(plan.grid * (plan.threads / plan.team), p.channels);
+  entropy_bwd_rows_kernel<scalar_t, kPack><<<static_cast<unsigned>(plan.grid), plan.threads, 0,
+                                             stream>>>(p, plan.team, plan.segments, step);
 }
 
 template <typename scalar_t, int kPack>
 void launch_backward_channels_last(const BackwardParams& p, cudaStream_t stream) {
-  constexpr int kLoads = kLoadsPerRound<kPack>;
+  constexpr int kLoads = kLoadsPerRound<scalar_t, kPack>;
   const ChannelsLastPlan plan = plan_channels_last(p.batch, p.channels, p.positions, kPack, kLoads);
-  const int64_t chunk_positions = static_cast<int64_t>(plan.height) * kLoads * kBackwardRoundsPerItem;
+  const int64_t chunk_positions =
+      static_cast<int64_t>(plan.height) * kLoads * kBackwardRoundsPerItem;
   const int64_t items = p.batch * plan.tiles_per_sample * ceil_div(p.positions, chunk_positions);
   const int64_t grid = std::min(items, kMaxGridX);
   entropy_bwd_channels_last_kernel<scalar_t, kPack>
@@ -880,7 +959,8 @@ template <typename scalar_t>
 void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   if (p.layout == RowLayout::kRows) {
     constexpr int kPack = kRowsPack<scalar_t>;
-    if (aligned_to_pack<scalar_t, kPack>(p.x) && aligned_to_pack<scalar_t, kPack>(p.grad_x) &&
+    if (packs_aligned<scalar_t, kPack>(p.x, p.x_strides, p.layout) &&
+        packs_aligned<scalar_t, kPack>(p.grad_x, p.grad_x_strides, p.layout) &&
         p.positions % kPack == 0) {
       launch_backward_rows<scalar_t, kPack>(p, stream);
     } else {
@@ -888,7 +968,8 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
     }
   } else {
     constexpr int kPack = kChannelsLastPack<scalar_t>;
-    if (aligned_to_pack<scalar_t, kPack>(p.x) && aligned_to_pack<scalar_t, kPack>(p.grad_x) &&
+    if (packs_aligned<scalar_t, kPack>(p.x, p.x_strides, p.layout) &&
+        packs_aligned<scalar_t, kPack>(p.grad_x, p.grad_x_strides, p.layout) &&
         p.channels % kPack == 0) {
       launch_backward_channels_last<scalar_t, kPack>(p, stream);
     } else {
