@@ -476,6 +476,16 @@ acc_type<scalar_t> row_coefficient(const BackwardParams& p, int64_t n, int64_t c
                                      p.positions);
 }
 
+// grad_element() of entropy_state.h, one vector of x at a time.
+template <typename acc_t>
+inline Vectorized<acc_t> grad_elements(const Vectorized<acc_t>& x, const Vectorized<acc_t>& row_max,
+                                       const Vectorized<acc_t>& log_sum,
+                                       const Vectorized<acc_t>& mean_shift,
+                                       const Vectorized<acc_t>& coef) {
+  const Vectorized<acc_t> d = clamp_shift(x - row_max);
+  return coef * exp_nonpositive(d - log_sum) * (d - mean_shift);
+}
+
 template <typename scalar_t>
 void backward_rows(const BackwardParams& p) {
   using P = Pack<scalar_t>;
@@ -501,10 +511,7 @@ void backward_rows(const BackwardParams& p) {
       for (int64_t i = 0; i < L; i += W) {
         const int64_t count = std::min(W, L - i);
         P::load(xr + i, count, v);
-        for (int k = 0; k < P::kVecs; ++k) {
-          const Vec d = clamp_shift(v[k] - row_max);
-          v[k] = coef * exp_nonpositive(d - log_sum) * (d - mean_shift);
-        }
+        for (int k = 0; k < P::kVecs; ++k) v[k] = grad_elements(v[k], row_max, log_sum, mean_shift, coef);
         P::store(gr + i, count, v);
       }
     }
@@ -551,8 +558,7 @@ void backward_channels_last(const BackwardParams& p) {
       for (int64_t i = 0; i < L; ++i) {
         P::load(xb + i * x_step, lanes, v);
         for (int k = 0; k < P::kVecs; ++k) {
-          const Vec d = clamp_shift(v[k] - row_max[k]);
-          v[k] = coef[k] * exp_nonpositive(d - log_sum[k]) * (d - mean_shift[k]);
+          v[k] = grad_elements(v[k], row_max[k], log_sum[k], mean_shift[k], coef[k]);
         }
         P::store(gb + i * grad_step, lanes, v);
       }
