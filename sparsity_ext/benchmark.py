@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import pandas as pd
@@ -158,7 +159,8 @@ def machine_line(device: str) -> str:
             f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}")
 
 
-def main(device: str | None = None, dtypes: list[str] | None = None, repeats: int = 15) -> pd.DataFrame:
+def main(device: str | None = None, dtypes: list[str] | None = None, repeats: int = 15,
+         out: str | None = None) -> pd.DataFrame:
     devices = [device] if device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     dtypes = dtypes or ["float32", "bfloat16"]
     rows = []
@@ -168,10 +170,15 @@ def main(device: str | None = None, dtypes: list[str] | None = None, repeats: in
             for dtype in dtypes:
                 rows.extend(run_case(Case(dev, shape, dtype), repeats))
     df = pd.DataFrame(rows)
+    report = []
     for dev in devices:
         part = df[df.device == dev]
         if dev != "cuda":
             part = part.drop(columns=["peak extra MB"])
-        print(f"\n{machine_line(dev)}; median of {repeats}\n")
-        print(to_markdown(part))
+        report += [f"{machine_line(dev)}; median of {repeats}", "", to_markdown(part), ""]
+    text = "\n".join(report)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(f"# `python -m sparsity_ext bench`, {time.strftime('%Y-%m-%d')}\n\n{text}")
     return df
