@@ -12,7 +12,6 @@
 #pragma once
 
 #include <cmath>
-#include <limits>
 
 #if defined(__CUDACC__)
 #define SPARSITY_EXT_HD __host__ __device__ __forceinline__
@@ -50,7 +49,8 @@ struct EntropyState {
   acc_t shifted;  // sum (x_i - max) exp(x_i - max)
 
   SPARSITY_EXT_HD static EntropyState empty() {
-    return {-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0)};
+    // -INFINITY rather than numeric_limits: usable in device code without relaxed constexpr.
+    return {static_cast<acc_t>(-INFINITY), acc_t(0), acc_t(0)};
   }
 
   // Rescales a state to a new maximum `to` (>= this->max, finite or not).
@@ -61,7 +61,7 @@ struct EntropyState {
       return;
     }
     const acc_t delta = max - to;  // <= 0, NaN if either is NaN
-    const acc_t scale = std::exp(delta);
+    const acc_t scale = delta == acc_t(0) ? acc_t(1) : std::exp(delta);  // one side is exact
     sum_out = sum * scale;
     shifted_out = (shifted + delta * sum) * scale;
   }

@@ -77,7 +77,9 @@ def assert_close_to_float64(ours, exact, dtype, rtol_acc=2e-5, atol=1e-6, what="
     # Below the smallest normal number the rounding step is absolute (subnormal spacing).
     subnormal_step = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
     bound = (ROUNDING[dtype] + rtol_acc) * exact.abs() + atol + subnormal_step
-    bad = ~(error <= bound) & ~(exact.isnan() & ours64.isnan())
+    # Values beyond the dtype's range (a perplexity over 65504 in float16) round to inf.
+    overflow = torch.isinf(exact.to(dtype)) & (ours64 == exact.to(dtype).double())
+    bad = ~(error <= bound) & ~(exact.isnan() & ours64.isnan()) & ~overflow
     if bad.any():
         i = bad.nonzero()[0].tolist()
         raise AssertionError(

@@ -41,8 +41,10 @@ constexpr int64_t kRowChunk = 1 << 13;          // kRows: 8192 elements, 32 KB i
 constexpr int64_t kChannelsLastChunk = 1 << 9;  // kChannelsLast: 512 positions x one vector
 
 #if defined(CPU_CAPABILITY_AVX512)
-// 2^y for y <= 0 (or NaN): 2^n * 2^f with n = round(y), |f| <= 1/2, and 2^f from its
-// degree-6 Taylor polynomial (relative error < 2e-7, about 1 ulp); scalef applies 2^n.
+// 2^y for y <= 0 (or NaN): 2^n * 2^f with n = round(y), |f| <= 1/2, and 2^f from a
+// degree-5 near-minimax polynomial (fitted to relative error 9e-8; 1.9e-7 evaluated in
+// float, about 1 ulp, the accuracy of exp_u20's 6th degree at one FMA less); scalef
+// applies 2^n.
 // Results below 2^-125 are set to exactly 0 through `representable` rather than
 // computed: an underflowing scalef takes a microcode assist that costs more than a whole
 // short row. The mask is "not less than", so NaN lanes stay representable and NaN.
@@ -52,12 +54,11 @@ inline __m512 exp2_nonpositive(__m512 y, __mmask16& representable) {
   const __m512 yc = _mm512_max_ps(lowest, y);  // max_ps returns its 2nd operand on NaN
   const __m512 n = _mm512_roundscale_ps(yc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(yc, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  __m512 p = _mm512_set1_ps(1.3264727080169001e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6715128621880884e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507337456456640e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022242081843176e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314697759658850e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_maskz_scalef_ps(representable, p, n);
 }
