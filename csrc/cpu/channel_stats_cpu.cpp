@@ -302,45 +302,43 @@ bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
     return false;
   } else {
     const int64_t L = p.positions, C = p.channels;
-    if (L > kShortRow) return false;
+    constexpr bool kHalfType = at::is_reduced_floating_point_v<scalar_t>;
+    // 16-bit types read 32-bit words (below), which needs a second position in the row.
+    if (L > kShortRow || (kHalfType && L < 2)) return false;
     const RowStrides& xs = p.x_strides;
     const scalar_t* x = static_cast<const scalar_t*>(p.x);
-    const float* base;
-    float widened[16 * kShortRow];
+    // Offsets of the rows from the first one, in elements; gathers take 32-bit offsets.
+    const scalar_t* base = x + (first / C) * xs.batch + (first % C) * xs.channel;
     alignas(64) int32_t offsets[16] = {};
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      // Gather straight from x, relative to the first row (32-bit offsets must fit).
-      base = x + (first / C) * xs.batch + (first % C) * xs.channel;
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t row = first + j;
-        const int64_t offset = x + (row / C) * xs.batch + (row % C) * xs.channel - base;
-        if (offset < 0 || offset > INT32_MAX - L) return false;
-        offsets[j] = static_cast<int32_t>(offset);
-      }
-    } else {
-      // Half types: widen the rows to float first (at most 16 x 64 values, in L1).
-      using P = Pack<scalar_t>;
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t row = first + j;
-        const scalar_t* xr = x + (row / C) * xs.batch + (row % C) * xs.channel;
-        for (int64_t i = 0; i < L; i += P::kWidth) {
-          typename P::Vec v[P::kVecs];
-          P::load(xr + i, std::min(P::kWidth, L - i), v);
-          for (int k = 0; k < P::kVecs; ++k) {
-            const int64_t at = i + k * P::kLanes;
-            if (at < L) v[k].store(widened + j * L + at, std::min(P::kLanes, L - at));
-          }
-        }
-        offsets[j] = static_cast<int32_t>(j * L);
-      }
-      base = widened;
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t row = first + j;
+      const int64_t offset = x + (row / C) * xs.batch + (row % C) * xs.channel - base;
+      if (offset < 0 || offset > INT32_MAX - L) return false;
+      offsets[j] = static_cast<int32_t>(offset);
     }
     const __mmask16 active = static_cast<__mmask16>((1u << count) - 1);
     const __m512i first_index = _mm512_load_si512(offsets);
     const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    auto gather = [&](int64_t i) {
+    auto gather = [&](int64_t i) -> Vectorized<float> {
       const __m512i index = _mm512_add_epi32(first_index, _mm512_set1_epi32(static_cast<int>(i)));
-      return Vectorized<float>(_mm512_mask_i32gather_ps(neg_inf, active, index, base, 4));
+      if constexpr (!kHalfType) {
+        return _mm512_mask_i32gather_ps(neg_inf, active, index, base, 4);
+      } else {
+        // A 16-bit element is one half of the 32-bit word gathered at its own address
+        // (low half), or, for the row's last position, at the previous element's address
+        // (high half), so no word reaches past the row.
+        const bool last = i == L - 1;
+        const __m512i at = last ? _mm512_sub_epi32(index, _mm512_set1_epi32(1)) : index;
+        __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), active, at, base, 2);
+        word = last ? _mm512_srli_epi32(word, 16) : _mm512_and_si512(word, _mm512_set1_epi32(0xFFFF));
+        __m512 v;
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          v = _mm512_castsi512_ps(_mm512_slli_epi32(word, 16));
+        } else {
+          v = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(word));
+        }
+        return _mm512_mask_blend_ps(active, neg_inf, v);
+      }
     };
     // One gather per position, kept transposed (position-major) for the exp pass.
     alignas(64) float transposed[kShortRow * 16];
