@@ -13,6 +13,8 @@ from .ops import (
     perplexity,
     sparsity,
 )
+from .monitor import SparsityMonitor, SparsityPenalty, SparsityRecord
+from .overfitting import OverfittingWarning, overfitting_warning
 
 __all__ = [
     "ChannelStats",
@@ -22,5 +24,10 @@ __all__ = [
     "perplexity",
     "sparsity",
     "reference",
+    "SparsityMonitor",
+    "SparsityPenalty",
+    "SparsityRecord",
+    "OverfittingWarning",
+    "overfitting_warning",
 ]
 __version__ = "0.1.0"

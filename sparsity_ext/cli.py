@@ -27,8 +27,92 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import benchmark
 
-    benchmark.main(device=args.device, dtypes=args.dtype, repeats=args.repeats)
+    benchmark.main(device=args.device, dtypes=args.dtype, repeats=args.repeats, out=args.out)
     return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import ConfigError, TrainConfig, train
+
+    config = TrainConfig(
+        out=args.out, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, penalty=args.penalty,
+        seed=args.seed, device=args.device, train_size=args.train_size, test_size=args.test_size,
+        progress=not args.no_progress,
+    )
+    try:
+        train(config)
+    except ConfigError as error:
+        print(f"sparsity-ext train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_run
+
+    try:
+        written = plot_run(args.run_dir)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"sparsity-ext plot: error: {error}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def _number(kind: type, minimum: float, inclusive: bool):
+    """argparse type: a ``kind`` number >= (or >) ``minimum``; the message names the bound."""
+    bound = f">= {minimum}" if inclusive else f"> {minimum}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}") from None
+        if not (value >= minimum if inclusive else value > minimum):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _add_train_parser(sub) -> None:
+    from .training import DATASETS, MODELS, TrainConfig
+
+    defaults = TrainConfig()
+    p = sub.add_parser(
+        "train", help="train a small CNN while monitoring its layer-wise sparsity",
+        description="Train a CNN, monitor the perplexity-based sparsity of every conv layer, "
+                    "and write history.csv, metrics.csv, summary.json and PNG plots into --out. "
+                    "Runs under torchrun too (DistributedDataParallel; rank 0 writes).")
+    positive_int, positive = _number(int, 1, True), _number(float, 0.0, False)
+    p.add_argument("--out", default=defaults.out, metavar="DIR",
+                   help="output folder (default: %(default)s)")
+    p.add_argument("--dataset", choices=list(DATASETS), default=defaults.dataset,
+                   help="digits: scikit-learn's bundled 8x8 digits (offline, the default); "
+                        "cifar10: from --data-dir")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder with the extracted CIFAR-10 python batches")
+    p.add_argument("--model", choices=list(MODELS), default=defaults.model,
+                   help="VGG-style or ResNet-style CNN (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=defaults.epochs,
+                   help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                   help="per process (default: %(default)s)")
+    p.add_argument("--lr", type=positive, default=defaults.lr,
+                   help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--penalty", type=_number(float, 0.0, True), default=defaults.penalty,
+                   metavar="WEIGHT", help="add WEIGHT x the mean sparsity of the conv layers to "
+                                          "the loss (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
+    p.add_argument("--device", default=defaults.device,
+                   help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--train-size", type=positive_int, metavar="N",
+                   help="training images (default: digits 300, cifar10 5000)")
+    p.add_argument("--test-size", type=positive_int, metavar="N",
+                   help="test images (default: digits all the rest, cifar10 2000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16", "float64"],
                    help="repeatable; default float32 and bfloat16")
     p.add_argument("--repeats", type=int, default=15, help="timed repetitions per case (median)")
+    p.add_argument("--out", metavar="FILE.md", help="also write the table(s) to this markdown file")
     p.set_defaults(func=_cmd_bench)
+
+    _add_train_parser(sub)
+
+    p = sub.add_parser("plot", help="redraw the PNG plots of a `train` run from its files")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a train run")
+    p.set_defaults(func=_cmd_plot)
 
     return parser
 

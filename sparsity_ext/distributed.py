@@ -14,15 +14,15 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "all_reduce_sum",
+    "collective_device",
     "init_from_env",
     "is_initialized",
-    "world_size",
-    "rank",
     "is_main_process",
-    "all_reduce_sum",
-    "union_of_names",
-    "collective_device",
+    "rank",
     "shutdown",
+    "union_of_names",
+    "world_size",
 ]
 
 

@@ -9,6 +9,9 @@ batch) and, at :meth:`SparsityMonitor.end_epoch`, turns the sums into one
 channel seen in that epoch. Under ``torch.distributed`` the sums and row counts are
 all-reduced before dividing, so the means are exact over all ranks' samples.
 
+Per batch and layer the hook costs the op and two reductions that stay on the device;
+the host sees the numbers once per epoch.
+
 :class:`SparsityPenalty` reuses the same hooks: with a penalty attached, a hooked
 output that requires grad is measured *with* autograd, the penalty keeps the graph-
 connected layer means of the latest forward pass, and the monitor accumulates the very
@@ -17,13 +20,14 @@ same values detached, so the op runs once per layer and batch either way.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Mapping, NamedTuple, Union
+from typing import NamedTuple, Union
 
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import distributed, ops, reference
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -36,8 +40,22 @@ __all__ = [
 
 # Modules whose outputs are "the output of a convolution block's activation".
 ACTIVATION_TYPES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU,
-    nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
 )
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -130,17 +148,18 @@ class SparsityMonitor:
         # Set by SparsityPenalty: measure with autograd when the output requires grad.
         self.differentiable = False
         self._layer_index = {name: i for i, name in enumerate(self.layers)}
-        self._sums: dict[str, torch.Tensor] = {}  # split -> (layers, 2) [sparsity, entropy]
+        self._sums: dict[str, list[list[torch.Tensor]]] = {}  # split -> layer -> batch sums
         self._rows: dict[str, list[int]] = {}  # split -> rows per layer
         self._graph_means: dict[str, list[torch.Tensor]] = {}  # latest forward, with grad
         self._capture: dict[str, torch.Tensor] | None = None
         self._handles = [
-            module.register_forward_hook(self._hook_for(name)) for name, module in self.layers.items()
+            module.register_forward_hook(self._hook_for(name))
+            for name, module in self.layers.items()
         ]
         # A new forward pass starts a new penalty: drop the previous pass's graph values.
         self._handles.append(model.register_forward_pre_hook(lambda *_: self._graph_means.clear()))
 
-    def __enter__(self) -> "SparsityMonitor":
+    def __enter__(self) -> SparsityMonitor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -166,7 +185,8 @@ class SparsityMonitor:
             return
         if self.differentiable and torch.is_grad_enabled() and output.requires_grad:
             stats = ops.channel_stats(output)
-            self._graph_means.setdefault(name, []).append(stats.sparsity.mean(dtype=torch.float32))
+            mean = stats.sparsity.mean(dtype=reference.accumulation_dtype(stats.sparsity.dtype))
+            self._graph_means.setdefault(name, []).append(mean)
             sparsity, entropy = stats.sparsity.detach(), stats.entropy.detach()
         else:
             with torch.no_grad():
@@ -178,15 +198,18 @@ class SparsityMonitor:
         self._accumulate(name, sparsity, entropy)
 
     def _accumulate(self, name: str, sparsity: torch.Tensor, entropy: torch.Tensor) -> None:
+        """Append this output's two row sums (0-dim, on its device): two reductions per
+        layer and batch, no host sync; they are added up once, in :meth:`end_epoch`."""
         split = self.split or ("train" if self.model.training else "test")
         if split not in self._sums:
-            dtype = torch.float32 if sparsity.device.type == "mps" else torch.float64
-            self._sums[split] = torch.zeros(len(self.layers), 2, dtype=dtype, device=sparsity.device)
+            self._sums[split] = [[] for _ in self.layers]
             self._rows[split] = [0] * len(self.layers)
-        sums = self._sums[split]
         index = self._layer_index[name]
-        with torch.no_grad():
-            sums[index].add_(torch.stack((sparsity.sum(dtype=sums.dtype), entropy.sum(dtype=sums.dtype))))
+        acc = reference.accumulation_dtype(sparsity.dtype)  # no float16 sums: they overflow
+        if sparsity.dtype == acc:
+            self._sums[split][index] += (sparsity.sum(), entropy.sum())
+        else:
+            self._sums[split][index] += (sparsity.sum(dtype=acc), entropy.sum(dtype=acc))
         self._rows[split][index] += sparsity.numel()
 
     def batch_sparsity(self) -> torch.Tensor:
@@ -208,12 +231,15 @@ class SparsityMonitor:
         with the host once. Layers with no recorded rows in a split get no record.
         """
         splits = distributed.union_of_names(list(self._sums))
-        device = next(iter(self._sums.values())).device if self._sums else distributed.collective_device()
-        dtype = next(iter(self._sums.values())).dtype if self._sums else torch.float64
+        partials = [t for per_layer in self._sums.values() for sums in per_layer for t in sums]
+        device = partials[0].device if partials else distributed.collective_device()
+        dtype = torch.float32 if device.type == "mps" else torch.float64
         table = torch.zeros(len(splits), len(self.layers), 3, dtype=dtype, device=device)
         for i, split in enumerate(splits):
-            if split in self._sums:
-                table[i, :, :2] = self._sums[split]
+            for j, sums in enumerate(self._sums.get(split, ())):
+                if sums:  # [sparsity, entropy, sparsity, entropy, ...] of every batch
+                    table[i, j, :2] = torch.stack(sums).to(dtype).view(-1, 2).sum(0)
+            if split in self._rows:
                 table[i, :, 2] = torch.tensor(self._rows[split], dtype=dtype)
         table = distributed.all_reduce_sum(table).cpu()
         self.reset()
@@ -222,10 +248,16 @@ class SparsityMonitor:
             for j, layer in enumerate(self.layers):
                 rows = int(table[i, j, 2])
                 if rows:
-                    records.append(SparsityRecord(
-                        epoch, split, layer,
-                        float(table[i, j, 0] / rows), float(table[i, j, 1] / rows), rows,
-                    ))
+                    records.append(
+                        SparsityRecord(
+                            epoch,
+                            split,
+                            layer,
+                            float(table[i, j, 0] / rows),
+                            float(table[i, j, 1] / rows),
+                            rows,
+                        )
+                    )
         self.history.extend(records)
         return records
 

@@ -9,7 +9,7 @@ single process or under ``torchrun`` (DistributedDataParallel; only rank 0 write
 from __future__ import annotations
 
 import json
-import math
+import os
 import pickle
 import time
 from collections import OrderedDict
@@ -27,16 +27,16 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from . import distributed
-from .monitor import SparsityMonitor, SparsityPenalty
+from .monitor import SparsityMonitor, SparsityPenalty, SparsityRecord
 from .overfitting import OverfittingWarning, overfitting_warning
 
 __all__ = [
     "DATASETS",
     "MODELS",
-    "DataError",
-    "Splits",
+    "ConfigError",
     "SmallResNet",
     "SmallVGG",
+    "Splits",
     "TrainConfig",
     "build_model",
     "load_dataset",
@@ -46,8 +46,9 @@ __all__ = [
 CHANNEL_MAP_SAMPLES = 32  # test samples whose per-channel sparsity maps are saved and drawn
 
 
-class DataError(ValueError):
-    """A data set cannot be loaded (missing folder, wrong format); the message says why."""
+class ConfigError(ValueError):
+    """The run cannot start as configured (data folder missing or malformed, device not
+    available); the message says why and what to pass instead."""
 
 
 class Splits(NamedTuple):
@@ -74,12 +75,15 @@ def _normalise(train_x: np.ndarray, test_x: np.ndarray) -> tuple[torch.Tensor, t
     """Per-channel standardisation with the training split's mean and std."""
     mean = train_x.mean(axis=(0, 2, 3), keepdims=True)
     std = train_x.std(axis=(0, 2, 3), keepdims=True) + 1e-6
-    return (torch.from_numpy(((train_x - mean) / std).astype(np.float32)),
-            torch.from_numpy(((test_x - mean) / std).astype(np.float32)))
+    return (
+        torch.from_numpy(((train_x - mean) / std).astype(np.float32)),
+        torch.from_numpy(((test_x - mean) / std).astype(np.float32)),
+    )
 
 
-def load_digits(data_dir: str | None, train_size: int | None, test_size: int | None,
-                seed: int) -> Splits:
+def load_digits(
+    data_dir: str | None, train_size: int | None, test_size: int | None, seed: int
+) -> Splits:
     """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), split at random.
 
     Default: 300 training images, every other image for testing.
@@ -93,7 +97,9 @@ def load_digits(data_dir: str | None, train_size: int | None, test_size: int | N
     order = rng.permutation(len(y))
     n_train = 300 if train_size is None else train_size
     if not 0 < n_train < len(y):
-        raise DataError(f"--train-size for digits must be between 1 and {len(y) - 1}, got {n_train}")
+        raise ConfigError(
+            f"--train-size for digits must be between 1 and {len(y) - 1}, got {n_train}"
+        )
     train_idx, test_idx = order[:n_train], order[n_train:]
     test_x, test_y = _subset(x[test_idx], y[test_idx], test_size, rng)
     train_x, test_x = _normalise(x[train_idx], test_x)
@@ -105,11 +111,11 @@ CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 def _cifar10_folder(data_dir: str | None) -> Path:
     if data_dir is None:
-        raise DataError("--dataset cifar10 needs --data-dir DIR (this command never downloads)")
+        raise ConfigError("--dataset cifar10 needs --data-dir DIR (this command never downloads)")
     for folder in (Path(data_dir), Path(data_dir) / "cifar-10-batches-py"):
         if all((folder / name).is_file() for name in CIFAR10_FILES):
             return folder
-    raise DataError(
+    raise ConfigError(
         f"CIFAR-10 not found in {data_dir}: expected the files {', '.join(CIFAR10_FILES)} of the "
         f"python version (cifar-10-python.tar.gz, extracted) in that folder or in its "
         f"cifar-10-batches-py/ subfolder"
@@ -117,18 +123,19 @@ def _cifar10_folder(data_dir: str | None) -> Path:
 
 
 def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
     try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
         x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         y = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (KeyError, ValueError) as error:
-        raise DataError(f"{path} is not a CIFAR-10 python batch ({error})") from None
+    except (pickle.UnpicklingError, EOFError, TypeError, KeyError, ValueError) as error:
+        raise ConfigError(f"{path} is not a CIFAR-10 python batch ({error})") from None
     return x, y
 
 
-def load_cifar10(data_dir: str | None, train_size: int | None, test_size: int | None,
-                 seed: int) -> Splits:
+def load_cifar10(
+    data_dir: str | None, train_size: int | None, test_size: int | None, seed: int
+) -> Splits:
     """CIFAR-10 from the extracted python batches in a local folder; never downloads.
 
     Default: a random 5000-image training subset (so that it overfits) and 2000 test images.
@@ -148,10 +155,15 @@ def load_cifar10(data_dir: str | None, train_size: int | None, test_size: int | 
 DATASETS: dict[str, Callable[..., Splits]] = {"digits": load_digits, "cifar10": load_cifar10}
 
 
-def load_dataset(name: str, data_dir: str | None = None, train_size: int | None = None,
-                 test_size: int | None = None, seed: int = 0) -> Splits:
+def load_dataset(
+    name: str,
+    data_dir: str | None = None,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
+) -> Splits:
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[name](data_dir, train_size, test_size, seed)
 
 
@@ -185,10 +197,14 @@ class SmallVGG(nn.Module):
             layers[f"stage{stage}_pool"] = nn.MaxPool2d(2)
             size //= 2
         self.features = nn.Sequential(layers)
-        self.classifier = nn.Sequential(OrderedDict(
-            flatten=nn.Flatten(), fc1=nn.Linear(in_ch * size * size, 128), fc1_relu=nn.ReLU(),
-            fc2=nn.Linear(128, num_classes),
-        ))
+        self.classifier = nn.Sequential(
+            OrderedDict(
+                flatten=nn.Flatten(),
+                fc1=nn.Linear(in_ch * size * size, 128),
+                fc1_relu=nn.ReLU(),
+                fc2=nn.Linear(128, num_classes),
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -205,8 +221,13 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.relu2 = nn.ReLU()
-        self.shortcut = nn.Identity() if stride == 1 and in_ch == out_ch else nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and in_ch == out_ch
+            else nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
@@ -221,18 +242,25 @@ class SmallResNet(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int, base_width: int = 32):
         super().__init__()
-        self.stem = nn.Sequential(OrderedDict(
-            conv=nn.Conv2d(in_channels, base_width, 3, padding=1, bias=False),
-            bn=nn.BatchNorm2d(base_width), relu=nn.ReLU()))
-        blocks: OrderedDict[str, nn.Module] = OrderedDict()
-        size, in_ch, stage = image_size, base_width, 0
-        while size >= 4:
-            stage += 1
-            width = min(base_width * 2 ** (stage - 1), 256)
-            blocks[f"stage{stage}"] = BasicBlock(in_ch, width, 1 if stage == 1 else 2)
-            in_ch, size = width, size if stage == 1 else size // 2
+        self.stem = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(in_channels, base_width, 3, padding=1, bias=False),
+                bn=nn.BatchNorm2d(base_width),
+                relu=nn.ReLU(),
+            )
+        )
+        blocks: OrderedDict[str, nn.Module] = OrderedDict(
+            stage1=BasicBlock(base_width, base_width, 1)
+        )
+        size, in_ch = image_size, base_width
+        while size // 2 >= 4:
+            width = min(in_ch * 2, 256)
+            blocks[f"stage{len(blocks) + 1}"] = BasicBlock(in_ch, width, 2)
+            in_ch, size = width, size // 2
         self.stages = nn.Sequential(blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_ch, num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_ch, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))
@@ -271,14 +299,17 @@ class TrainConfig:
 
 def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when available, else CPU. Under torchrun, CUDA means ``cuda:LOCAL_RANK``."""
-    import os
-
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"--device {name!r} is not a device name (try cpu, cuda, cuda:1)"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
@@ -302,24 +333,36 @@ class EpochTotals:
     """Loss and accuracy sums kept on the device; one all-reduce and host sync per epoch."""
 
     def __init__(self, device: torch.device):
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x n, correct
+        self.count = 0
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
-        n = labels.numel()
         with torch.no_grad():
-            self.sums += torch.stack((loss.detach().double() * n,
-                                      (logits.argmax(1) == labels).sum().double(),
-                                      torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)))
+            self.sums += torch.stack(
+                (
+                    loss.detach().double() * labels.numel(),
+                    (logits.argmax(1) == labels).sum().double(),
+                )
+            )
+        self.count += labels.numel()
 
     def reduce(self) -> tuple[float, float]:
         """(mean loss, accuracy) over all ranks' samples."""
-        loss, correct, count = distributed.all_reduce_sum(self.sums).tolist()
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sums.device)
+        loss, correct, count = distributed.all_reduce_sum(torch.cat((self.sums, count))).tolist()
         return loss / max(count, 1), correct / max(count, 1)
 
 
-def _run_epoch(model: nn.Module, loader: DataLoader, device: torch.device, *,
-               optimizer: torch.optim.Optimizer | None, penalty: SparsityPenalty | None,
-               desc: str, progress: bool) -> tuple[float, float]:
+def _run_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    optimizer: torch.optim.Optimizer | None,
+    penalty: SparsityPenalty | None,
+    desc: str,
+    progress: bool,
+) -> tuple[float, float]:
     """One pass over ``loader``; trains when an optimizer is given. Returns (loss, accuracy)."""
     training = optimizer is not None
     model.train(training)
@@ -367,14 +410,31 @@ def train(config: TrainConfig) -> dict:
     the PNG plots, and TensorBoard events when tensorboard is installed.
     Returns the summary (the same dict on every rank).
     """
-    if config.penalty < 0:
-        raise ValueError(f"--penalty must be >= 0, got {config.penalty}")
+    if not config.penalty >= 0:
+        raise ConfigError(f"--penalty must be >= 0, got {config.penalty}")
     device = resolve_device(config.device)
-    distributed.init_from_env(device)
+    started_group = distributed.init_from_env(device)
     try:
         return _train(config, device)
     finally:
-        distributed.shutdown()
+        if started_group:  # a caller's own process group stays up
+            distributed.shutdown()
+
+
+def _loaders(data: Splits, config: TrainConfig, rank: int, world: int):
+    """Shuffled training batches (a DistributedSampler under DDP, ``batch_size`` per
+    process) and unshuffled test batches, each rank its own unpadded shard."""
+    train_set = TensorDataset(data.train_x, data.train_y)
+    test_set = TensorDataset(data.test_x, data.test_y)
+    if world > 1:
+        sampler = DistributedSampler(train_set, shuffle=True, seed=config.seed)
+        train_loader = DataLoader(train_set, config.batch_size, sampler=sampler)
+    else:
+        generator = torch.Generator().manual_seed(config.seed)
+        train_loader = DataLoader(train_set, config.batch_size, shuffle=True, generator=generator)
+    test_sampler = ShardSampler(len(test_set), rank, world)
+    test_loader = DataLoader(test_set, max(config.batch_size, 256), sampler=test_sampler)
+    return train_loader, test_loader
 
 
 def _train(config: TrainConfig, device: torch.device) -> dict:
@@ -383,43 +443,63 @@ def _train(config: TrainConfig, device: torch.device) -> dict:
     main_process = rank == 0
     out = Path(config.out)
     torch.manual_seed(config.seed)
-    data = load_dataset(config.dataset, config.data_dir, config.train_size, config.test_size, config.seed)
-    train_set = TensorDataset(data.train_x, data.train_y)
-    test_set = TensorDataset(data.test_x, data.test_y)
-
-    model = build_model(config.model, data.train_x.shape[1], data.num_classes, data.train_x.shape[-1])
+    data = load_dataset(
+        config.dataset, config.data_dir, config.train_size, config.test_size, config.seed
+    )
+    model = build_model(
+        config.model, data.train_x.shape[1], data.num_classes, data.train_x.shape[-1]
+    )
     model.to(device)
     monitor = SparsityMonitor(model)
     penalty = SparsityPenalty(monitor, config.penalty) if config.penalty > 0 else None
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+    net = (
+        nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        if world > 1
+        else model
+    )
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
 
-    generator = torch.Generator().manual_seed(config.seed)
-    train_sampler = DistributedSampler(train_set, shuffle=True, seed=config.seed) if world > 1 else None
-    train_loader = DataLoader(train_set, config.batch_size, shuffle=train_sampler is None,
-                              sampler=train_sampler, generator=generator)
-    test_loader = DataLoader(test_set, max(config.batch_size, 256), sampler=ShardSampler(len(test_set), rank, world))
-
+    train_loader, test_loader = _loaders(data, config, rank, world)
     writer = _tensorboard_writer(out) if main_process else None
     progress = config.progress and main_process
     metrics_rows = []
     epochs_bar = tqdm(range(1, config.epochs + 1), desc="epochs", disable=not progress)
     for epoch in epochs_bar:
-        if train_sampler is not None:
-            train_sampler.set_epoch(epoch)
-        train_loss, train_acc = _run_epoch(net, train_loader, device, optimizer=optimizer,
-                                           penalty=penalty, desc=f"epoch {epoch} train", progress=progress)
-        test_loss, test_acc = _run_epoch(net, test_loader, device, optimizer=None, penalty=None,
-                                         desc=f"epoch {epoch} test", progress=progress)
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        train_loss, train_acc = _run_epoch(
+            net,
+            train_loader,
+            device,
+            optimizer=optimizer,
+            penalty=penalty,
+            desc=f"epoch {epoch} train",
+            progress=progress,
+        )
+        # Evaluated without the DDP wrapper: ranks may hold unequal numbers of test batches.
+        test_loss, test_acc = _run_epoch(
+            model,
+            test_loader,
+            device,
+            optimizer=None,
+            penalty=None,
+            desc=f"epoch {epoch} test",
+            progress=progress,
+        )
         records = monitor.end_epoch(epoch)
-        row = dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, train_acc=train_acc, test_acc=test_acc)
+        row = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
+               "train_acc": train_acc, "test_acc": test_acc}  # fmt: skip
         metrics_rows.append(row)
         _log_epoch(writer, epoch, row, records)
         test_sparsity = [r.sparsity for r in records if r.split == "test"]
-        epochs_bar.set_postfix(train_loss=f"{train_loss:.3f}", test_loss=f"{test_loss:.3f}",
-                               test_acc=f"{test_acc:.3f}",
-                               sparsity=f"{sum(test_sparsity) / max(len(test_sparsity), 1):.3f}")
+        epochs_bar.set_postfix(
+            train_loss=f"{train_loss:.3f}",
+            test_loss=f"{test_loss:.3f}",
+            test_acc=f"{test_acc:.3f}",
+            sparsity=f"{sum(test_sparsity) / max(len(test_sparsity), 1):.3f}",
+        )
 
     model.eval()
     with torch.no_grad(), monitor.capture() as channel_maps:
@@ -428,10 +508,14 @@ def _train(config: TrainConfig, device: torch.device) -> dict:
     if writer is not None:
         writer.close()
 
-    history = pd.DataFrame(monitor.history, columns=list(monitor.history[0]._fields) if monitor.history else None)
-    metrics = pd.DataFrame(metrics_rows, columns=["epoch", "train_loss", "test_loss", "train_acc", "test_acc"])
+    history = pd.DataFrame(monitor.history, columns=SparsityRecord._fields)
+    metrics = pd.DataFrame(
+        metrics_rows, columns=["epoch", "train_loss", "test_loss", "train_acc", "test_acc"]
+    )
     warning = overfitting_warning(history, metrics)
-    summary = _summary(config, device, world, metrics, history, warning, time.perf_counter() - started)
+    summary = _summary(
+        config, device, world, metrics, history, warning, time.perf_counter() - started
+    )
     if main_process:
         _write_outputs(out, history, metrics, summary, channel_maps)
         print(warning.message)
@@ -439,15 +523,25 @@ def _train(config: TrainConfig, device: torch.device) -> dict:
     return summary
 
 
-def _summary(config: TrainConfig, device: torch.device, world: int, metrics: pd.DataFrame,
-             history: pd.DataFrame, warning: OverfittingWarning, seconds: float) -> dict:
+def _summary(
+    config: TrainConfig,
+    device: torch.device,
+    world: int,
+    metrics: pd.DataFrame,
+    history: pd.DataFrame,
+    warning: OverfittingWarning,
+    seconds: float,
+) -> dict:
     last = metrics.iloc[-1]
-    final = {name: float(last[name]) for name in ("train_loss", "test_loss", "train_acc", "test_acc")}
+    final = {
+        name: float(last[name]) for name in ("train_loss", "test_loss", "train_acc", "test_acc")
+    }
     final["best_test_acc"] = float(metrics["test_acc"].max())
     final["min_test_loss"] = float(metrics["test_loss"].min())
     last_epoch = history[history["epoch"] == history["epoch"].max()]
-    final["mean_sparsity"] = {split: float(group["sparsity"].mean())
-                              for split, group in last_epoch.groupby("split")}
+    final["mean_sparsity"] = {
+        split: float(group["sparsity"].mean()) for split, group in last_epoch.groupby("split")
+    }
     return {
         "config": asdict(config),
         "world_size": world,
@@ -459,14 +553,19 @@ def _summary(config: TrainConfig, device: torch.device, world: int, metrics: pd.
     }
 
 
-def _write_outputs(out: Path, history: pd.DataFrame, metrics: pd.DataFrame, summary: dict,
-                   channel_maps: dict[str, torch.Tensor]) -> None:
+def _write_outputs(
+    out: Path,
+    history: pd.DataFrame,
+    metrics: pd.DataFrame,
+    summary: dict,
+    channel_maps: dict[str, torch.Tensor],
+) -> None:
     from . import plots
 
     out.mkdir(parents=True, exist_ok=True)
     history.to_csv(out / "history.csv", index=False)
     metrics.to_csv(out / "metrics.csv", index=False)
     with open(out / "summary.json", "w") as f:
-        json.dump(summary, f, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+        json.dump(summary, f, indent=2)
     np.savez_compressed(out / "channel_maps.npz", **{k: v.numpy() for k, v in channel_maps.items()})
     plots.plot_run(out)
