@@ -60,7 +60,9 @@ struct EntropyState {
       shifted_out = acc_t(0);
       return;
     }
-    const acc_t delta = max - to;  // <= 0, NaN if either is NaN
+    // <= 0, NaN if either is NaN. Clamped like a shifted value: a part that far below the
+    // new maximum scales to exactly 0, and delta * sum cannot overflow to -inf (-inf * 0).
+    const acc_t delta = clamp_shift(max - to);
     const acc_t scale = delta == acc_t(0) ? acc_t(1) : std::exp(delta);  // one side is exact
     sum_out = sum * scale;
     shifted_out = (shifted + delta * sum) * scale;

@@ -172,9 +172,15 @@ def _loaded_status(origin: str, library: str, built: bool = False) -> Status:
 
 
 def _load_ahead_of_time() -> Status | None:
+    """The module setup.py built, if any and if it loads (else the JIT build is tried)."""
     if importlib.util.find_spec("sparsity_ext._C") is None:
         return None
-    module = importlib.import_module("sparsity_ext._C")
+    try:
+        module = importlib.import_module("sparsity_ext._C")
+    except ImportError as error:  # e.g. built against another torch: undefined symbols
+        warnings.warn(f"sparsity_ext: ignoring the ahead-of-time build ({error})",
+                      RuntimeWarning, stacklevel=4)
+        return None
     return _loaded_status("ahead-of-time", module.__file__)
 
 
@@ -225,7 +231,10 @@ def load() -> Status:
             if _disabled():
                 _status = Status(error="disabled by SPARSITY_EXT_NO_EXTENSION")
             else:
-                _status = _load_ahead_of_time() or _load_jit(None, verbose=False)
+                try:
+                    _status = _load_ahead_of_time() or _load_jit(None, verbose=False)
+                except Exception as error:  # no sources, unwritable cache, ...: fall back
+                    _status = Status(error=f"{type(error).__name__}: {error}")
                 if not _status.loaded:
                     warnings.warn(
                         f"sparsity_ext: could not build the C++ extension, using the slower "
@@ -238,8 +247,11 @@ def build(with_cuda: bool | None = None, verbose: bool = False) -> Status:
     """Build ahead of time into the JIT cache (`python -m sparsity_ext build`)."""
     global _status
     with _lock:
-        status = _load_jit(with_cuda, verbose=verbose)
-        if status.loaded and _status is None:
+        try:
+            status = _load_jit(with_cuda, verbose=verbose)
+        except Exception as error:
+            status = Status(error=f"{type(error).__name__}: {error}")
+        if status.loaded and (_status is None or not _status.loaded):
             _status = status
         return status
 

@@ -26,6 +26,9 @@ import torch
 __all__ = ["ChannelStats", "channel_stats", "entropy", "perplexity", "sparsity", "accumulation_dtype"]
 
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class ChannelStats(NamedTuple):
     """Per-(sample, channel) results, each of shape ``(N, C)``."""
 
@@ -43,7 +46,7 @@ def check_input(x: torch.Tensor) -> None:
     """Raise a clear exception for input the measure is not defined on."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
+    if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"expected a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got dtype {x.dtype}"

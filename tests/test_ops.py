@@ -359,3 +359,38 @@ def test_nan_among_only_masked_positions_of_a_long_row(dtype):
     x[0, 0, 25_000] = float("nan")
     stats = sparsity_ext.channel_stats(x)
     assert stats.entropy[0, 0].isnan() and torch.isfinite(stats.entropy[0, 1])
+
+
+def test_chunks_far_apart_merge_without_overflow():
+    """Two 8192-position chunks of one row 1e35 apart: the lower one must scale to 0,
+    not to -inf * 0 = NaN."""
+    x = torch.zeros(1, 1, 16384)
+    x[..., 8192:] = 1e35
+    torch.testing.assert_close(sparsity_ext.entropy(x).double(),
+                               reference.entropy(x.double()), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["expanded", "transposed"])
+def test_strided_short_rows_same_bits_for_every_thread_count_and_equal_rows(layout):
+    base = torch.randn(1, 7, 7, 7)
+    x = base.expand(301, 7, 7, 7) if layout == "expanded" else \
+        torch.randn(7, 301, 7, 7).transpose(0, 1)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in [1, max(2, threads), 3]:
+            torch.set_num_threads(n)
+            results.append(sparsity_ext.entropy(x))
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
+    if layout == "expanded":  # every sample holds the same data: the same bits
+        assert torch.equal(results[0], results[0][:1].expand_as(results[0]))
+
+
+def test_float8_is_rejected_with_a_clear_message():
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8")
+    with pytest.raises(TypeError, match="floating-point"):
+        sparsity_ext.entropy(torch.randn(2, 3, 4, 4).to(torch.float8_e4m3fn))

@@ -307,13 +307,18 @@ bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
     if (L > kShortRow || (kHalfType && L < 2)) return false;
     const RowStrides& xs = p.x_strides;
     const scalar_t* x = static_cast<const scalar_t*>(p.x);
-    // Offsets of the rows from the first one, in elements; gathers take 32-bit offsets.
-    const scalar_t* base = x + (first / C) * xs.batch + (first % C) * xs.channel;
-    alignas(64) int32_t offsets[16] = {};
+    // Offsets of the rows from the lowest one, in elements; gathers take 32-bit offsets.
+    const scalar_t* starts[16];
+    const scalar_t* base = nullptr;
     for (int64_t j = 0; j < count; ++j) {
       const int64_t row = first + j;
-      const int64_t offset = x + (row / C) * xs.batch + (row % C) * xs.channel - base;
-      if (offset < 0 || offset > INT32_MAX - L) return false;
+      starts[j] = x + (row / C) * xs.batch + (row % C) * xs.channel;
+      base = j == 0 ? starts[0] : std::min(base, starts[j]);
+    }
+    alignas(64) int32_t offsets[16] = {};
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t offset = starts[j] - base;
+      if (offset > INT32_MAX - L) return false;
       offsets[j] = static_cast<int32_t>(offset);
     }
     const __mmask16 active = static_cast<__mmask16>((1u << count) - 1);
@@ -372,11 +377,16 @@ void forward_rows(const ForwardParams& p) {
   const int64_t L = p.positions, C = p.channels;
   const RowStrides& xs = p.x_strides;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / L);
-  constexpr int64_t kGroup = Vectorized<acc_t>::size();  // rows finished together
-  at::parallel_for(0, p.batch * C, grain, [&](int64_t begin, int64_t end) {
+  // Short rows are finished kGroup at a time (longer rows one by one, so that even a few
+  // of them spread over the threads). The groups are fixed, not cut where a thread's range
+  // starts, so which path a row takes never depends on the thread count.
+  constexpr int64_t kGroup = Vectorized<acc_t>::size();
+  const int64_t group_size = L <= kShortRow ? kGroup : 1;
+  const int64_t rows = p.batch * C, groups = (rows + group_size - 1) / group_size;
+  at::parallel_for(0, groups, std::max<int64_t>(1, grain / group_size), [&](int64_t begin, int64_t end) {
     acc_t m[kGroup], s[kGroup], t[kGroup];
-    for (int64_t first = begin; first < end; first += kGroup) {
-      const int64_t count = std::min(kGroup, end - first);
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * group_size, count = std::min(group_size, rows - first);
       if (short_rows_state<scalar_t>(p, first, count, m, s, t)) {
         store_rows<scalar_t>(p, first, count, m, s, t);
         continue;
