@@ -233,6 +233,10 @@ EntropyState<acc_type<scalar_t>> contiguous_chunk_state(const scalar_t* x, int64
   i = 0;
   for (; i + kUnroll * W <= count; i += kUnroll * W) {
     for (int u = 0; u < kUnroll; ++u) {
+      // While this pass computes from cache, fetch what follows the chunk (the next
+      // chunk, or the next row when rows are contiguous): the max pass then finds it in
+      // cache instead of waiting on memory. One 64-byte line per pack.
+      __builtin_prefetch(x + count + i + u * W);
       P::load(x + i + u * W, W, v);
       for (int k = 0; k < P::kVecs; ++k) accumulate(v[k] - shift_by, sum[u], shifted[u]);
     }
@@ -357,7 +361,12 @@ bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
     const Vectorized<float> shift_by =
         Vectorized<float>::blendv(vmax, Vectorized<float>(0), vmax == Vectorized<float>(neg_inf));
     Vectorized<float> s(0), t(0);
+    // As in contiguous_chunk_state: fetch the next group's rows (they follow these when
+    // rows are contiguous) while this pass computes from cache; one line per position
+    // covers 16 rows of <= 64 float positions.
+    const char* next_group = reinterpret_cast<const char*>(base + count * L);
     for (int64_t i = 0; i < L; ++i) {
+      __builtin_prefetch(next_group + i * 64);
       accumulate(Vectorized<float>::loadu(transposed + i * 16) - shift_by, s, t);
     }
     vmax.store(row_max, count);
@@ -377,12 +386,14 @@ void forward_rows(const ForwardParams& p) {
   const int64_t L = p.positions, C = p.channels;
   const RowStrides& xs = p.x_strides;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / L);
-  // Short rows are finished kGroup at a time (longer rows one by one, so that even a few
-  // of them spread over the threads). The groups are fixed, not cut where a thread's range
-  // starts, so which path a row takes never depends on the thread count.
+  // Rows are finished kGroup at a time, except when they are long and few: then one by
+  // one, so that they spread over the threads. The groups are fixed, not cut where a
+  // thread's range starts, so which path a short row takes never depends on the thread
+  // count (a long row's result does not depend on its group at all).
   constexpr int64_t kGroup = Vectorized<acc_t>::size();
-  const int64_t group_size = L <= kShortRow ? kGroup : 1;
-  const int64_t rows = p.batch * C, groups = (rows + group_size - 1) / group_size;
+  const int64_t rows = p.batch * C;
+  const int64_t group_size = L <= kShortRow || rows >= 64 * kGroup ? kGroup : 1;
+  const int64_t groups = (rows + group_size - 1) / group_size;
   at::parallel_for(0, groups, std::max<int64_t>(1, grain / group_size), [&](int64_t begin, int64_t end) {
     acc_t m[kGroup], s[kGroup], t[kGroup];
     for (int64_t group = begin; group < end; ++group) {
