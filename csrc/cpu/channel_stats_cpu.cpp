@@ -114,6 +114,12 @@ inline void accumulate(const Vectorized<acc_t>& shift, Vectorized<acc_t>& sum,
   shifted = at::vec::fmadd(d, e, shifted);
 }
 
+// Prefetch the line `bytes` past p. Done on integers: the address may lie past the end of
+// the tensor (pointer arithmetic there would be undefined; a prefetch never faults).
+inline void prefetch_ahead(const void* p, int64_t bytes) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + bytes));
+}
+
 // Running max for the max pass. On AVX-512 a plain max_ps, which skips NaN: a NaN still
 // reaches the result through the exp pass (x - max is NaN there), except in a part with
 // nothing but -inf and NaN, which the caller checks for separately.
@@ -236,7 +242,7 @@ EntropyState<acc_type<scalar_t>> contiguous_chunk_state(const scalar_t* x, int64
       // While this pass computes from cache, fetch what follows the chunk (the next
       // chunk, or the next row when rows are contiguous): the max pass then finds it in
       // cache instead of waiting on memory. One 64-byte line per pack.
-      __builtin_prefetch(x + count + i + u * W);
+      prefetch_ahead(x + i + u * W, count * static_cast<int64_t>(sizeof(scalar_t)));
       P::load(x + i + u * W, W, v);
       for (int k = 0; k < P::kVecs; ++k) accumulate(v[k] - shift_by, sum[u], shifted[u]);
     }
@@ -364,9 +370,9 @@ bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
     // As in contiguous_chunk_state: fetch the next group's rows (they follow these when
     // rows are contiguous) while this pass computes from cache; one line per position
     // covers 16 rows of <= 64 float positions.
-    const char* next_group = reinterpret_cast<const char*>(base + count * L);
+    const int64_t group_bytes = count * L * static_cast<int64_t>(sizeof(scalar_t));
     for (int64_t i = 0; i < L; ++i) {
-      __builtin_prefetch(next_group + i * 64);
+      prefetch_ahead(base, group_bytes + i * 64);
       accumulate(Vectorized<float>::loadu(transposed + i * 16) - shift_by, s, t);
     }
     vmax.store(row_max, count);
