@@ -12,6 +12,7 @@ CUDA_HOME points at nvcc, the CUDA kernels for sm_80 and sm_90 + PTX).
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -38,6 +39,7 @@ def ahead_of_time_extensions():
     # Load the flag logic without importing the package (its __init__ is not needed here).
     spec = importlib.util.spec_from_file_location("_extension", ROOT / "sparsity_ext" / "_extension.py")
     config = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = config  # dataclasses look their module up there
     spec.loader.exec_module(config)
 
     with_cuda = config.cuda_home() is not None

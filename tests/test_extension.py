@@ -92,3 +92,22 @@ def test_cuda_kernels_compile_without_a_gpu(tmp_path):
                      {"SPARSITY_EXT_CACHE": str(tmp_path / "cache")}, timeout=1800)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "kernels for: cpu, cuda" in out.stdout, out.stdout
+
+
+def test_setup_py_builds_ahead_of_time_and_the_module_is_preferred(tmp_path):
+    for name in ("sparsity_ext", "csrc"):
+        shutil.copytree(ROOT / name, tmp_path / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    # CPU only here (no toolkit at that path); the CUDA build is checked above.
+    env = {"SPARSITY_EXT_BUILD_AOT": "1", "CUDA_HOME": str(tmp_path / "no-cuda")}
+    out = run_python(["setup.py", "-q", "build_ext", "--inplace"], env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    code = ("import torch, sparsity_ext as s\n"
+            "x = torch.randn(2, 3, 7, 7)\n"
+            "torch.testing.assert_close(s.entropy(x), s.reference.entropy(x))\n"
+            "print(s._extension.load().describe())")
+    out = run_python(code, {"SPARSITY_EXT_CACHE": str(tmp_path / "cache")}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "ahead-of-time" in out.stdout and "compiling" not in out.stderr
