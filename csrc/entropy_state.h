@@ -108,7 +108,8 @@ SPARSITY_EXT_HD RowResult<acc_t> finalize(const EntropyState<acc_t>& state, long
   r.entropy = r.log_sum - r.mean_shift;
   r.perplexity = std::exp(r.entropy);
   const acc_t length = static_cast<acc_t>(positions);
-  r.sparsity = positions > 1 ? (length - r.perplexity) / (length - acc_t(1)) : r.perplexity * acc_t(0);
+  r.sparsity = positions > 1 ? (length - r.perplexity) / (length - acc_t(1))
+                             : r.perplexity * acc_t(0);
   return r;
 }
 

@@ -154,7 +154,8 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 def machine_line(device: str) -> str:
     if device == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+        return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                f"CUDA {torch.version.cuda}")
     return (f"CPU ({torch.get_num_threads()} threads, "
             f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}")
 
@@ -180,5 +181,6 @@ def main(device: str | None = None, dtypes: list[str] | None = None, repeats: in
     print(text)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(f"# `python -m sparsity_ext bench`, {time.strftime('%Y-%m-%d')}\n\n{text}")
+        title = f"# `python -m sparsity_ext bench`, {time.strftime('%Y-%m-%d')}"
+        Path(out).write_text(f"{title}\n\n{text}")
     return df

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time ours against eager, torch.compile and the copy floor")
     p.add_argument("--device", default=None, help="cpu or cuda (default: every available one)")
-    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16", "float64"],
+    p.add_argument("--dtype", action="append",
+                   choices=["float32", "bfloat16", "float16", "float64"],
                    help="repeatable; default float32 and bfloat16")
     p.add_argument("--repeats", type=int, default=15, help="timed repetitions per case (median)")
     p.add_argument("--out", metavar="FILE.md", help="also write the table(s) to this markdown file")

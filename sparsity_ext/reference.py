@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["ChannelStats", "channel_stats", "entropy", "perplexity", "sparsity", "accumulation_dtype"]
+__all__ = ["ChannelStats", "channel_stats", "entropy", "perplexity", "sparsity",
+           "accumulation_dtype", "check_input", "SUPPORTED_DTYPES"]
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

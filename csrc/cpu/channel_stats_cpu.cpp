@@ -285,7 +285,8 @@ void store_rows(const ForwardParams& p, int64_t first, int64_t count,
     const Vec values[3] = {entropy, perplexity, sparsity};
     for (int o = 0; o < 3; ++o) {
       if constexpr (at::is_reduced_floating_point_v<scalar_t>) {
-        at::vec::convert_from_float<scalar_t>(values[o], values[o]).store(outputs[o] + first + j, k);
+        const auto packed = at::vec::convert_from_float<scalar_t>(values[o], values[o]);
+        packed.store(outputs[o] + first + j, k);
       } else {
         values[o].store(outputs[o] + first + j, k);
       }
@@ -345,7 +346,8 @@ bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
         const bool last = i == L - 1;
         const __m512i at = last ? _mm512_sub_epi32(index, _mm512_set1_epi32(1)) : index;
         __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), active, at, base, 2);
-        word = last ? _mm512_srli_epi32(word, 16) : _mm512_and_si512(word, _mm512_set1_epi32(0xFFFF));
+        word = last ? _mm512_srli_epi32(word, 16)
+                    : _mm512_and_si512(word, _mm512_set1_epi32(0xFFFF));
         __m512 v;
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
           v = _mm512_castsi512_ps(_mm512_slli_epi32(word, 16));
@@ -400,7 +402,8 @@ void forward_rows(const ForwardParams& p) {
   const int64_t rows = p.batch * C;
   const int64_t group_size = L <= kShortRow || rows >= 64 * kGroup ? kGroup : 1;
   const int64_t groups = (rows + group_size - 1) / group_size;
-  at::parallel_for(0, groups, std::max<int64_t>(1, grain / group_size), [&](int64_t begin, int64_t end) {
+  const int64_t group_grain = std::max<int64_t>(1, grain / group_size);
+  at::parallel_for(0, groups, group_grain, [&](int64_t begin, int64_t end) {
     acc_t m[kGroup], s[kGroup], t[kGroup];
     for (int64_t group = begin; group < end; ++group) {
       const int64_t first = group * group_size, count = std::min(group_size, rows - first);
@@ -537,7 +540,9 @@ void backward_rows(const BackwardParams& p) {
       for (int64_t i = 0; i < L; i += W) {
         const int64_t count = std::min(W, L - i);
         P::load(xr + i, count, v);
-        for (int k = 0; k < P::kVecs; ++k) v[k] = grad_elements(v[k], row_max, log_sum, mean_shift, coef);
+        for (int k = 0; k < P::kVecs; ++k) {
+          v[k] = grad_elements(v[k], row_max, log_sum, mean_shift, coef);
+        }
         P::store(gr + i, count, v);
       }
     }
