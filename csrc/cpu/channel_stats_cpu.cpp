@@ -321,10 +321,11 @@ bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
     // Offsets of the rows from the lowest one, in elements; gathers take 32-bit offsets.
     const scalar_t* starts[16];
     const scalar_t* base = nullptr;
+    int64_t n = first / C, c = first % C;  // one division per group, not per row
     for (int64_t j = 0; j < count; ++j) {
-      const int64_t row = first + j;
-      starts[j] = x + (row / C) * xs.batch + (row % C) * xs.channel;
+      starts[j] = x + n * xs.batch + c * xs.channel;
       base = j == 0 ? starts[0] : std::min(base, starts[j]);
+      if (++c == C) c = 0, ++n;
     }
     alignas(64) int32_t offsets[16] = {};
     for (int64_t j = 0; j < count; ++j) {
@@ -529,8 +530,8 @@ void backward_rows(const BackwardParams& p) {
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / L);
 
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / C, c = row % C;
+    int64_t n = begin / C, c = begin % C;  // advanced with the row: no division per row
+    for (int64_t row = begin; row < end; ++row, c = c + 1 == C ? (++n, 0) : c + 1) {
       const Vec row_max(stats[row]), log_sum(stats[rows + row]),
           mean_shift(stats[2 * rows + row]);
       const Vec coef(row_coefficient<scalar_t>(p, n, c));
