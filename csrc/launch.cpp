@@ -24,20 +24,18 @@ at::ScalarType accumulation_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_input(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() >= 3, "sparsity_ext: expected a tensor of shape (N, C, *spatial) with at "
-              "least one spatial dim, got ", x.dim(), " dims of shape ", x.sizes());
-  scalar_kind(x);
-  int64_t positions = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) positions *= x.size(d);
-  TORCH_CHECK(positions > 0, "sparsity_ext: the softmax is taken over the spatial positions, but "
-              "shape ", x.sizes(), " has zero spatial positions");
-}
-
 int64_t positions_of(const at::Tensor& x) {
   int64_t positions = 1;
   for (int64_t d = 2; d < x.dim(); ++d) positions *= x.size(d);
   return positions;
+}
+
+void check_input(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 3, "sparsity_ext: expected a tensor of shape (N, C, *spatial) with at "
+              "least one spatial dim, got ", x.dim(), " dims of shape ", x.sizes());
+  scalar_kind(x);
+  TORCH_CHECK(positions_of(x) > 0, "sparsity_ext: the softmax is taken over the spatial "
+              "positions, but shape ", x.sizes(), " has zero spatial positions");
 }
 
 // True when the spatial dims of x form one run of positions `step` elements apart

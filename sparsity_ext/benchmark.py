@@ -32,10 +32,6 @@ def make_input(shape, dtype, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
 
 
-def forward_fn(impl: Callable) -> Callable[[torch.Tensor], object]:
-    return lambda x: impl(x)
-
-
 def forward_backward_fn(impl: Callable, x: torch.Tensor) -> Callable[[torch.Tensor], object]:
     """Forward of all three outputs, then the gradient of a weighted sum of them."""
     grads = [torch.randn(x.shape[:2], device=x.device, dtype=x.dtype) for _ in range(3)]
@@ -119,7 +115,7 @@ def run_case(case: Case, repeats: int) -> list[dict]:
         xr = x.detach().requires_grad_(mode != "forward")
         times, peak = {}, None
         for name, impl in impls.items():
-            fn = forward_fn(impl) if mode == "forward" else forward_backward_fn(impl, xr)
+            fn = impl if mode == "forward" else forward_backward_fn(impl, xr)
             with torch.no_grad() if mode == "forward" else torch.enable_grad():
                 times[name] = time_ms(fn, xr, repeats)
                 if name == "ours":
