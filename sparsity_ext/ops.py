@@ -104,7 +104,11 @@ def channel_stats(x: torch.Tensor) -> ChannelStats:
     reference.check_input(x)
     if not _extension.kernel_available(x.device.type):
         return reference.channel_stats(x)
-    return ChannelStats(*ChannelStatsFunction.apply(x))
+    if torch.is_grad_enabled() and x.requires_grad:
+        return ChannelStats(*ChannelStatsFunction.apply(x))
+    # Nothing to differentiate: skip autograd.Function's bookkeeping (the monitor's case).
+    entropy, perplexity, sparsity, _ = torch.ops.sparsity_ext.channel_stats_forward(x)
+    return ChannelStats(entropy, perplexity, sparsity)
 
 
 def entropy(x: torch.Tensor) -> torch.Tensor:
