@@ -45,8 +45,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "../entropy_state.h"
 
@@ -914,23 +917,57 @@ bool packs_aligned(const void* ptr, const RowStrides& strides, RowLayout layout)
   return base && strides.batch % kPack == 0 && step % kPack == 0;
 }
 
-// Launches a clustered kernel; false if the runtime refuses the cluster shape (e.g. a MIG
-// slice too small for it), in which case the caller launches the unclustered kernel.
-template <typename... KernelArgs, typename... Args>
-bool launch_clustered(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, int cluster,
-                      cudaStream_t stream, Args... args) {
+cudaLaunchConfig_t cluster_launch_config(dim3 grid, dim3 block, int cluster, cudaStream_t stream,
+                                          cudaLaunchAttribute* attribute) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = 0;
   config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
+  attribute->id = cudaLaunchAttributeClusterDimension;
+  attribute->val.clusterDim.x = static_cast<unsigned>(cluster);
+  attribute->val.clusterDim.y = 1;
+  attribute->val.clusterDim.z = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
+  return config;
+}
+
+// Whether the current device can run `kernel` in clusters of `cluster` blocks of `block`
+// threads (a small MIG slice may not). Asked once per (device, kernel, shape) from the
+// occupancy calculator, which neither launches nor synchronises; so a launch inside CUDA
+// graph capture (always after an eager warm-up call) never meets a refusal, which would
+// invalidate the capture instead of falling back.
+bool cluster_launchable(const void* kernel, dim3 block, int cluster,
+                        const cudaLaunchConfig_t& config) {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  using Key = std::tuple<int, const void*, unsigned, unsigned, int>;
+  static std::mutex mutex;
+  static std::map<Key, bool> known;
+  const Key key{device, kernel, block.x, block.y, cluster};
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  int active_clusters = 0;
+  const bool launchable =
+      cudaOccupancyMaxActiveClusters(&active_clusters, kernel, &config) == cudaSuccess &&
+      active_clusters > 0;
+  (void)cudaGetLastError();  // a refused query leaves an error behind: clear it
+  known.emplace(key, launchable);
+  return launchable;
+}
+
+// Launches a clustered kernel; false if the device cannot run the cluster shape, in which
+// case the caller launches the unclustered kernel.
+template <typename... KernelArgs, typename... Args>
+bool launch_clustered(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, int cluster,
+                      cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attribute[1];
+  const cudaLaunchConfig_t config = cluster_launch_config(grid, block, cluster, stream, attribute);
+  if (!cluster_launchable(reinterpret_cast<const void*>(kernel), block, cluster, config)) {
+    return false;
+  }
   if (cudaLaunchKernelEx(&config, kernel, args...) == cudaSuccess) return true;
   (void)cudaGetLastError();  // clear the refusal before the fallback launch
   return false;
