@@ -25,8 +25,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
     from . import benchmark
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("sparsity-ext bench: error: --device cuda: CUDA is not available on this machine",
+              file=sys.stderr)
+        return 2
     benchmark.main(device=args.device, dtypes=args.dtype, repeats=args.repeats, out=args.out)
     return 0
 
@@ -132,11 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("bench", help="time ours against eager, torch.compile and the copy floor")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: every available one)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="default: every available one (cuda is the current GPU)")
     p.add_argument("--dtype", action="append",
                    choices=["float32", "bfloat16", "float16", "float64"],
                    help="repeatable; default float32 and bfloat16")
-    p.add_argument("--repeats", type=int, default=15, help="timed repetitions per case (median)")
+    p.add_argument("--repeats", type=_number(int, 1, True), default=15,
+                   help="timed repetitions per case (median)")
     p.add_argument("--out", metavar="FILE.md", help="also write the table(s) to this markdown file")
     p.set_defaults(func=_cmd_bench)
 

@@ -206,3 +206,17 @@ def test_the_module_entry_point_reports_errors_without_a_traceback(tmp_path):
         result = run_cli(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert "error:" in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_bench_rejects_bad_arguments_with_a_message(monkeypatch, capsys):
+    for args, message in (
+        (["--device", "tpu"], "invalid choice: 'tpu'"),
+        (["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", *args])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, args
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
