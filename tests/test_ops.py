@@ -1,6 +1,7 @@
 """The fused operator against the float64 reference: values, gradients, layouts, dtypes,
 non-finite semantics, bad input, torch.compile, opcheck, determinism and memory."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -297,6 +298,31 @@ def test_compiled_graph_calls_the_fused_ops():
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     torch.compile(lambda t: sparsity_ext.sparsity(t).sum(), backend=backend, fullgraph=True)(x)
     assert any("sparsity_ext" in g for g in graphs), graphs
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no requires_grad"])
+def test_without_autograd_the_forward_op_is_called_directly(mode):
+    """Nothing to differentiate: the same bits as through the autograd.Function, eager and
+    compiled, and the graph still holds the fused op."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.print_readable(print_output=False))
+        return gm.forward
+
+    x = random_input((3, 5, 9, 9), torch.float32)
+    with_grad = [t.detach() for t in sparsity_ext.channel_stats(x.clone().requires_grad_(True))]
+    compiled = torch.compile(sparsity_ext.channel_stats, backend=backend, fullgraph=True)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(
+        mode, contextlib.nullcontext)
+    with context():
+        source = x.clone().requires_grad_(mode != "no requires_grad")
+        for stats in (sparsity_ext.channel_stats(source), compiled(source)):
+            assert not any(t.requires_grad for t in stats)
+            for ours, reference in zip(stats, with_grad):
+                assert torch.equal(ours, reference)
+    assert any("sparsity_ext.channel_stats_forward" in g for g in graphs), graphs
 
 
 # --- determinism and memory -----------------------------------------------------------
