@@ -1,20 +1,51 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run, in one call (device tool; see its METHOD.md):
-#   build with CUDA for this card, the CUDA and device-parametrised tests, compute-sanitizer
-#   memcheck over the CUDA tests, then the benchmark table (printed last, saved under $OUT).
-# Run from the repository root:  bash bench/gpu_check.sh
+# What a lent GPU machine should run (device tool; see its METHOD.md), in two calls that
+# together fit a 15-minute lease, the machine's start included. From the repository root:
+#
+#   bash bench/gpu_check.sh check   # build for this card, CUDA tests, memcheck, 2^31 cases
+#   bash bench/gpu_check.sh bench   # the CUDA benchmark table, saved as $OUT/<device>-<date>.md
+#
+# (no argument: both, for a machine without a lease). Each step runs under `timeout` with
+# its own budget in seconds (override with the variables below), so a call always returns
+# with every log under $OUT, and the last lines printed say what passed and what ran out.
 set -uo pipefail
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export SPARSITY_EXT_CACHE="${SPARSITY_EXT_CACHE:-/tmp/sparsity_ext_cache}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
-today=$(date +%Y-%m-%d)
+export PYTHON="$PY"
+phase="${1:-all}"
+summary=()
 
-$PY -m sparsity_ext info | tee "$OUT/info.txt"
-$PY -m pytest -q -x tests/test_cuda.py tests/test_ops.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -5
-bash tests/run_compute_sanitizer.sh 2>&1 | tee "$OUT/sanitizer.txt" | tail -5
-$PY -m pytest -q tests/test_cuda.py -m slow -p no:cacheprovider 2>&1 | tee "$OUT/slow.txt" | tail -3
-$PY -m sparsity_ext bench --device cuda --out "$OUT/$device-$today.md" 2>&1 | tee "$OUT/bench.txt" | tail -40
+# step NAME BUDGET_S COMMAND...: run it with its output in $OUT/NAME.txt and its tail shown.
+step() {
+  local name="$1" budget="$2"
+  shift 2
+  local start=$SECONDS
+  timeout --kill-after=10 "$budget" "$@" >"$OUT/$name.txt" 2>&1
+  local rc=$?
+  tail -n 6 "$OUT/$name.txt"
+  local verdict="ok"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="CUT OFF at ${budget}s"
+  elif [ "$rc" -ne 0 ]; then verdict="FAILED (exit $rc)"; fi
+  summary+=("$(printf '%-10s %4ss  %s' "$name" "$((SECONDS - start))" "$verdict")")
+}
+
+if [ "$phase" = check ] || [ "$phase" = all ]; then
+  step build "${BUILD_S:-150}" "$PY" -m sparsity_ext build
+  "$PY" -m sparsity_ext info | tee "$OUT/info.txt"
+  step tests "${TESTS_S:-200}" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
+    tests/test_ops.py -m "not slow"
+  step memcheck "${MEMCHECK_S:-120}" bash tests/run_compute_sanitizer.sh -p no:cacheprovider
+  step slow "${SLOW_S:-60}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -m slow
+fi
+if [ "$phase" = bench ] || [ "$phase" = all ]; then
+  device=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+  step bench "${BENCH_S:-480}" "$PY" -m sparsity_ext bench --device cuda --repeats 10 \
+    --out "$OUT/$device-$(date +%Y-%m-%d).md"
+  cat "$OUT/bench.txt"
+fi
+printf '%s\n' "${summary[@]}"

@@ -4,10 +4,18 @@ copy-bandwidth floor, all measured in the same process on the same input.
 The floor is the bytes the op must move over the copy bandwidth measured here (a
 preallocated ``dst.copy_(x)`` moves 2 |x| bytes): the forward reads x once (|x|), the
 forward+backward reads x twice and writes grad_x once (3 |x|).
+
+On CUDA every figure (the copy included) is device time per call: one CUDA graph holds one
+call on each of several copies of the input, at least :data:`CUDA_ROTATION_BYTES` in all,
+so no call finds its input in L2 and no launch gap is timed; its replays are timed with
+events. Should a capture fail, the same calls are timed launched back to back instead,
+and the table's ``timing`` column says so. On the CPU each call is timed on its own.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -54,25 +62,66 @@ def implementations() -> dict[str, Callable]:
 
 
 def time_ms(fn: Callable, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:
-    """Median wall time in milliseconds (CUDA: events on the current stream)."""
+    """Median wall time of ``fn(x)`` in milliseconds, each call timed on its own (CPU)."""
     for _ in range(warmup):
         fn(x)
     samples = []
-    if x.is_cuda:
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(x)
-            stop.record()
-            stop.synchronize()
-            samples.append(start.elapsed_time(stop))
-    else:
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            fn(x)
-            samples.append((time.perf_counter() - begin) * 1e3)
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        fn(x)
+        samples.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(samples)
+
+
+# Bytes of input copies one CUDA timing rotates over: several times any GPU's L2 (50 MB on
+# an H100, 60 MB on an H200), so each call reads its input from device memory.
+CUDA_ROTATION_BYTES = 256 * 2**20
+
+
+def rotation(x: torch.Tensor) -> list[torch.Tensor]:
+    """x and enough copies of it to hold :data:`CUDA_ROTATION_BYTES` (just x if it does)."""
+    copies = max(1, math.ceil(CUDA_ROTATION_BYTES / max(x.nbytes, 1)))
+    return [x] + [x.detach().clone().requires_grad_(x.requires_grad) for _ in range(copies - 1)]
+
+
+def time_cuda_ms(calls: list[Callable[[], object]], repeats: int, warmup: int = 3
+                 ) -> tuple[float, str]:
+    """Median device time per call of ``calls`` (one pass over them), in milliseconds, and
+    how it was timed: ``"graph"`` (replays of a CUDA graph of the pass) or ``"stream"``
+    (the pass launched back to back, if the capture failed)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture stream, as capture requires
+        for _ in range(warmup):
+            for call in calls:
+                call()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    def run_pass() -> None:
+        for call in calls:
+            call()
+
+    how = "graph"
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run_pass()
+        run = graph.replay
+    except RuntimeError:
+        torch.cuda.synchronize()
+        how, run = "stream", run_pass
+    run()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        stop.record()
+        stop.synchronize()
+        samples.append(start.elapsed_time(stop) / len(calls))
+    return statistics.median(samples), how
 
 
 def peak_extra_mb(fn: Callable, x: torch.Tensor) -> float | None:
@@ -103,23 +152,41 @@ class Case:
     dtype: str
 
 
+def timed_inputs(x: torch.Tensor) -> list[torch.Tensor]:
+    """The inputs one timing cycles through: a :func:`rotation` of x on CUDA, x on the CPU."""
+    return rotation(x) if x.is_cuda else [x]
+
+
+def time_per_call(fn: Callable, inputs: list[torch.Tensor], repeats: int) -> tuple[float, str]:
+    """(ms per call of fn on one input, how it was timed): :func:`time_cuda_ms` over every
+    input on CUDA, :func:`time_ms` on the CPU."""
+    if inputs[0].is_cuda:
+        return time_cuda_ms([functools.partial(fn, t) for t in inputs], repeats)
+    return time_ms(fn, inputs[0], repeats), "per call"
+
+
 def run_case(case: Case, repeats: int) -> list[dict]:
     x = make_input(case.shape, DTYPES[case.dtype], case.device)
     check_correct(x)
-    dst = torch.empty_like(x)
-    copy_ms = time_ms(lambda t: dst.copy_(t), x, repeats)
+    inputs = timed_inputs(x)
+    destinations = {id(t): torch.empty_like(t) for t in inputs}  # preallocated, one each
+    copy_ms, _ = time_per_call(lambda t: destinations[id(t)].copy_(t), inputs, repeats)
+    del inputs, destinations
     bandwidth = 2 * x.nbytes / (copy_ms * 1e-3)  # bytes per second
     impls = implementations()
     rows = []
     for mode, bytes_moved in (("forward", x.nbytes), ("forward+backward", 3 * x.nbytes)):
         xr = x.detach().requires_grad_(mode != "forward")
-        times, peak = {}, None
+        inputs = timed_inputs(xr)
+        times, hows, peak = {}, set(), None
         for name, impl in impls.items():
             fn = impl if mode == "forward" else forward_backward_fn(impl, xr)
             with torch.no_grad() if mode == "forward" else torch.enable_grad():
-                times[name] = time_ms(fn, xr, repeats)
+                times[name], how = time_per_call(fn, inputs, repeats)
+                hows.add(how)
                 if name == "ours":
                     peak = peak_extra_mb(fn, xr)
+        del inputs
         floor_ms = bytes_moved / bandwidth * 1e3
         rows.append({
             "device": case.device, "shape": "x".join(map(str, case.shape)), "dtype": case.dtype,
@@ -129,7 +196,7 @@ def run_case(case: Case, repeats: int) -> list[dict]:
             "ours/compile": times["ours"] / times["compile"],
             "ours/floor": times["ours"] / floor_ms,
             "copy-BW fraction": floor_ms / times["ours"],
-            "peak extra MB": peak, "x MB": x.nbytes / 2**20,
+            "peak extra MB": peak, "x MB": x.nbytes / 2**20, "timing": ", ".join(sorted(hows)),
         })
     return rows
 
@@ -151,7 +218,8 @@ def to_markdown(df: pd.DataFrame) -> str:
 def machine_line(device: str) -> str:
     if device == "cuda":
         return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-                f"CUDA {torch.version.cuda}")
+                f"CUDA {torch.version.cuda}; device time per call, each call on its own copy "
+                f"of the input (copies of {CUDA_ROTATION_BYTES // 2**20} MB in all)")
     return (f"CPU ({torch.get_num_threads()} threads, "
             f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}")
 
@@ -171,7 +239,7 @@ def main(device: str | None = None, dtypes: list[str] | None = None, repeats: in
     for dev in devices:
         part = df[df.device == dev]
         if dev != "cuda":
-            part = part.drop(columns=["peak extra MB"])
+            part = part.drop(columns=["peak extra MB", "timing"])
         report += [f"{machine_line(dev)}; median of {repeats}", "", to_markdown(part), ""]
     text = "\n".join(report)
     print(text)
