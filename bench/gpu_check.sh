@@ -2,8 +2,8 @@
 # What a lent GPU machine should run (device tool; see its METHOD.md), in two calls that
 # together fit a 15-minute lease, the machine's start included. From the repository root:
 #
-#   bash bench/gpu_check.sh check   # build for this card, CUDA tests, memcheck, 2^31 cases
-#   bash bench/gpu_check.sh bench   # the CUDA benchmark table, saved as $OUT/<device>-<date>.md
+#   bash bench/gpu_check.sh check   # build for this card, CUDA tests, memcheck, 2^31 cases (<= 7.5 min)
+#   bash bench/gpu_check.sh bench   # the CUDA table, saved as $OUT/<device>-<date>.md (<= 5 min)
 #
 # (no argument: both, for a machine without a lease). Each step runs under `timeout` with
 # its own budget in seconds (override with the variables below), so a call always returns
@@ -35,16 +35,16 @@ step() {
 }
 
 if [ "$phase" = check ] || [ "$phase" = all ]; then
-  step build "${BUILD_S:-150}" "$PY" -m sparsity_ext build
+  step build "${BUILD_S:-120}" "$PY" -m sparsity_ext build
   "$PY" -m sparsity_ext info | tee "$OUT/info.txt"
-  step tests "${TESTS_S:-200}" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
+  step tests "${TESTS_S:-180}" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
     tests/test_ops.py -m "not slow"
-  step memcheck "${MEMCHECK_S:-120}" bash tests/run_compute_sanitizer.sh -p no:cacheprovider
-  step slow "${SLOW_S:-60}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -m slow
+  step memcheck "${MEMCHECK_S:-90}" bash tests/run_compute_sanitizer.sh -p no:cacheprovider
+  step slow "${SLOW_S:-45}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -m slow
 fi
 if [ "$phase" = bench ] || [ "$phase" = all ]; then
   device=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
-  step bench "${BENCH_S:-480}" "$PY" -m sparsity_ext bench --device cuda --repeats 10 \
+  step bench "${BENCH_S:-300}" "$PY" -m sparsity_ext bench --device cuda --repeats 10 \
     --out "$OUT/$device-$(date +%Y-%m-%d).md"
   cat "$OUT/bench.txt"
 fi
