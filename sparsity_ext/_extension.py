@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -106,13 +107,24 @@ def cuda_flags(archs: tuple[str, ...]) -> list[str]:
     return flags
 
 
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without the warning it logs on a machine with
+    no GPU ("No CUDA runtime is found, using CUDA_HOME=..."): here that is the intent."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def cuda_home() -> str | None:
     """The CUDA toolkit torch would compile with, or None (CPU-only torch, no nvcc)."""
     if torch.version.cuda is None:
         return None
-    from torch.utils import cpp_extension
-
-    home = cpp_extension.CUDA_HOME
+    home = _cpp_extension().CUDA_HOME
     if home and (Path(home) / "bin" / "nvcc").exists():
         return home
     return None
@@ -185,8 +197,7 @@ def _load_ahead_of_time() -> Status | None:
 
 
 def _load_jit(with_cuda: bool | None, verbose: bool) -> Status:
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     if with_cuda is None:
         with_cuda = torch.cuda.is_available() and cuda_home() is not None
     elif with_cuda and cuda_home() is None:
