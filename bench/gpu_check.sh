@@ -37,8 +37,9 @@ step() {
 if [ "$phase" = check ] || [ "$phase" = all ]; then
   step build "${BUILD_S:-120}" "$PY" -m sparsity_ext build
   "$PY" -m sparsity_ext info | tee "$OUT/info.txt"
+  # test_cuda.py whole, and test_ops.py's cases parametrised on cuda (CI runs the rest).
   step tests "${TESTS_S:-180}" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
-    tests/test_ops.py -m "not slow"
+    tests/test_ops.py -m "not slow" -k cuda
   step memcheck "${MEMCHECK_S:-90}" bash tests/run_compute_sanitizer.sh -p no:cacheprovider
   step slow "${SLOW_S:-45}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -m slow
 fi
