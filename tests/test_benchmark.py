@@ -1,0 +1,100 @@
+"""The benchmark's CUDA timing logic, run on the CPU against a stand-in for torch.cuda:
+which calls it makes, when it falls back from graph replay, and how many input copies it
+rotates through. (The timings themselves are only ever produced on a GPU.)"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+import torch
+
+from sparsity_ext import benchmark
+
+
+class _Stream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class _Event:
+    def __init__(self, enable_timing: bool = False):
+        self.at = None
+
+    def record(self) -> None:
+        self.at = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: _Event) -> float:
+        return (end.at - self.at) * 1e3
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's stream, event and graph API on the host: a graph records the calls
+    made while it captures and replays them; `state["refuse"]` makes capture fail."""
+    state = {"refuse": False, "capturing": None}
+
+    class Graph:
+        def __init__(self):
+            self.calls = []
+
+        def replay(self):
+            for call in self.calls:
+                call()
+
+    @contextlib.contextmanager
+    def graph(g):
+        if state["refuse"]:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        state["capturing"] = g
+        try:
+            yield
+        finally:
+            state["capturing"] = None
+
+    for name, value in {
+        "Stream": _Stream, "stream": lambda s: contextlib.nullcontext(),
+        "current_stream": _Stream, "synchronize": lambda *a: None, "Event": _Event,
+        "CUDAGraph": Graph, "graph": graph,
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    return state
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["graph", "capture refused"])
+def test_time_cuda_ms_replays_one_pass_per_sample(fake_cuda, refuse):
+    fake_cuda["refuse"] = refuse
+    made = []
+
+    def make_call(i):
+        def call():
+            made.append(i)
+            if fake_cuda["capturing"] is not None:
+                fake_cuda["capturing"].calls.append(call)
+            time.sleep(0.005)
+        return call
+
+    calls = [make_call(i) for i in range(3)]
+    ms, how = benchmark.time_cuda_ms(calls, repeats=4, warmup=2)
+    assert how == ("stream" if refuse else "graph")
+    # warm-up passes, the captured pass (none if refused), one untimed pass, the timed ones
+    passes = 2 + (0 if refuse else 1) + 1 + 4
+    assert made == [0, 1, 2] * passes
+    assert 5.0 <= ms < 12.0  # per call (5 ms), not per pass of 3 calls (15 ms)
+
+
+def test_rotation_holds_enough_bytes_in_separate_copies():
+    x = torch.randn(16, 8, 32, 32, requires_grad=True)  # 512 KiB
+    copies = benchmark.rotation(x)
+    assert len(copies) == benchmark.MAX_ROTATION_COPIES
+    assert len({t.data_ptr() for t in copies}) == len(copies)
+    assert all(torch.equal(t, x) and t.requires_grad and t.is_leaf for t in copies)
+    quarter = torch.empty(benchmark.CUDA_ROTATION_BYTES // 4, dtype=torch.uint8)
+    assert len(benchmark.rotation(quarter)) == 4
+    assert len(benchmark.rotation(quarter[1:])) == 5  # one byte short of a quarter
+    assert len(benchmark.rotation(torch.empty(benchmark.CUDA_ROTATION_BYTES + 1,
+                                              dtype=torch.uint8))) == 1
