@@ -76,8 +76,6 @@ def time_ms(fn: Callable, x: torch.Tensor, repeats: int, warmup: int = 3) -> flo
 # Bytes of input copies one CUDA timing rotates over: several times any GPU's L2 (50 MB on
 # an H100, 60 MB on an H200), so each call reads its input from device memory.
 CUDA_ROTATION_BYTES = 256 * 2**20
-
-
 MAX_ROTATION_COPIES = 64  # the benchmark shapes need at most 42; tiny inputs stay cached
 
 
@@ -93,19 +91,17 @@ def time_cuda_ms(calls: list[Callable[[], object]], repeats: int, warmup: int = 
     """Median device time per call of ``calls`` (one pass over them), in milliseconds, and
     how it was timed: ``"graph"`` (replays of a CUDA graph of the pass) or ``"stream"``
     (the pass launched back to back, if the capture failed)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up off the capture stream, as capture requires
-        for _ in range(warmup):
-            for call in calls:
-                call()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-
     def run_pass() -> None:
         for call in calls:
             call()
 
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture stream, as capture requires
+        for _ in range(warmup):
+            run_pass()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
     how = "graph"
     try:
         graph = torch.cuda.CUDAGraph()

@@ -25,14 +25,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-
     from . import benchmark
+    from .training import ConfigError, resolve_device
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("sparsity-ext bench: error: --device cuda: CUDA is not available on this machine",
-              file=sys.stderr)
-        return 2
+    if args.device is not None:
+        try:
+            resolve_device(args.device)  # the same availability check as `train --device`
+        except ConfigError as error:
+            print(f"sparsity-ext bench: error: {error}", file=sys.stderr)
+            return 2
     benchmark.main(device=args.device, dtypes=args.dtype, repeats=args.repeats, out=args.out)
     return 0
 

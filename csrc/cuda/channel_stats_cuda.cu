@@ -933,19 +933,19 @@ cudaLaunchConfig_t cluster_launch_config(dim3 grid, dim3 block, int cluster, cud
   return config;
 }
 
-// Whether the current device can run `kernel` in clusters of `cluster` blocks of `block`
-// threads (a small MIG slice may not). Asked once per (device, kernel, shape) from the
-// occupancy calculator, which neither launches nor synchronises; so a launch inside CUDA
-// graph capture (always after an eager warm-up call) never meets a refusal, which would
+// Whether the current device can run `kernel` with `config`'s block and cluster shape (a
+// small MIG slice may not). Asked once per (device, kernel, shape) from the occupancy
+// calculator, which neither launches nor synchronises; so a launch inside CUDA graph
+// capture (always after an eager warm-up call) never meets a refusal, which would
 // invalidate the capture instead of falling back.
-bool cluster_launchable(const void* kernel, dim3 block, int cluster,
-                        const cudaLaunchConfig_t& config) {
+bool cluster_launchable(const void* kernel, const cudaLaunchConfig_t& config) {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  using Key = std::tuple<int, const void*, unsigned, unsigned, int>;
+  using Key = std::tuple<int, const void*, unsigned, unsigned, unsigned>;
   static std::mutex mutex;
   static std::map<Key, bool> known;
-  const Key key{device, kernel, block.x, block.y, cluster};
+  const Key key{device, kernel, config.blockDim.x, config.blockDim.y,
+                config.attrs[0].val.clusterDim.x};
   std::lock_guard<std::mutex> lock(mutex);
   const auto found = known.find(key);
   if (found != known.end()) return found->second;
@@ -965,7 +965,7 @@ bool launch_clustered(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, int 
                       cudaStream_t stream, Args... args) {
   cudaLaunchAttribute attribute[1];
   const cudaLaunchConfig_t config = cluster_launch_config(grid, block, cluster, stream, attribute);
-  if (!cluster_launchable(reinterpret_cast<const void*>(kernel), block, cluster, config)) {
+  if (!cluster_launchable(reinterpret_cast<const void*>(kernel), config)) {
     return false;
   }
   if (cudaLaunchKernelEx(&config, kernel, args...) == cudaSuccess) return true;
