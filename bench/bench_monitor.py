@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from sparsity_ext import _extension
 from sparsity_ext.monitor import SparsityMonitor, SparsityPenalty
-from sparsity_ext.training import build_model
+from sparsity_ext.app.models import build_model
 
 # (name, model, batch, channels, image size): the default digits run, and CIFAR-10 shapes.
 CASES = [

@@ -10,7 +10,7 @@ the copy-bandwidth floor.
 import pytest
 import torch
 
-from sparsity_ext import benchmark
+from sparsity_ext.app import benchmark
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [(d, s) for d in DEVICES for s in (benchmark.CUDA_SHAPES if d == "cuda"

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from sparsity_ext import benchmark
+from sparsity_ext.app import benchmark
 
 
 class _Stream:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sparsity_ext.monitor import SparsityMonitor, SparsityPenalty
-from sparsity_ext.training import SmallVGG
+from sparsity_ext.app.models import SmallVGG
 
 WORLD = 2
 

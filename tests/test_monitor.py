@@ -12,7 +12,8 @@ from torch import nn
 import sparsity_ext
 from sparsity_ext import ops, reference
 from sparsity_ext.monitor import SparsityMonitor, SparsityPenalty, default_layers
-from sparsity_ext.training import SmallResNet, SmallVGG, load_digits
+from sparsity_ext.app.data import load_digits
+from sparsity_ext.app.models import SmallResNet, SmallVGG
 
 
 def hook_counts(model: nn.Module) -> dict[str, tuple[int, int]]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from sparsity_ext.cli import main
+from sparsity_ext.app.cli import main
 
 RUN_FILES = {
     "history.csv",

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .overfitting import overfitting_warning
+from ..overfitting import overfitting_warning
 
 __all__ = ["plot_channel_maps", "plot_run", "plot_sparsity_curves", "plot_sparsity_heatmap"]
 

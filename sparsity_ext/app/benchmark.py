@@ -25,7 +25,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from . import ops, reference
+from .. import ops, reference
 
 CPU_SHAPES = [(64, 64, 56, 56), (128, 64, 32, 32), (128, 512, 7, 7)]
 CUDA_SHAPES = CPU_SHAPES + [(128, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28),

@@ -10,7 +10,7 @@ import sys
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from . import _extension
+    from .. import _extension
 
     status = _extension.build(with_cuda=True if args.cuda else None, verbose=args.verbose)
     print(status.describe())
@@ -18,7 +18,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import _extension
+    from .. import _extension
 
     print(_extension.info())
     return 0
@@ -26,7 +26,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import benchmark
-    from .training import ConfigError, resolve_device
+    from .errors import ConfigError
+    from .loop import resolve_device
 
     if args.device is not None:
         try:
@@ -39,7 +40,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import ConfigError, TrainConfig, train
+    from .errors import ConfigError
+    from .loop import TrainConfig, train
 
     config = TrainConfig(
         out=args.out, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
@@ -84,7 +86,9 @@ def _number(kind: type, minimum: float, inclusive: bool):
 
 
 def _add_train_parser(sub) -> None:
-    from .training import DATASETS, MODELS, TrainConfig
+    from .data import DATASETS
+    from .loop import TrainConfig
+    from .models import MODELS
 
     defaults = TrainConfig()
     p = sub.add_parser(

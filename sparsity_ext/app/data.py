@@ -1,0 +1,129 @@
+"""The data sets of ``sparsity-ext train``: scikit-learn's bundled 8x8 digits and CIFAR-10
+from a local folder (never downloaded), as normalised tensors."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["DATASETS", "Splits", "load_cifar10", "load_dataset", "load_digits"]
+
+
+class Splits(NamedTuple):
+    """Normalised image tensors ``(N, C, H, W)`` float32 and int64 labels ``(N,)``."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+
+
+def _subset(x: np.ndarray, y: np.ndarray, size: int | None, rng: np.random.Generator):
+    if size is None or size >= len(y):
+        return x, y
+    keep = rng.permutation(len(y))[:size]
+    return x[keep], y[keep]
+
+
+def _normalise(train_x: np.ndarray, test_x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel standardisation with the training split's mean and std."""
+    mean = train_x.mean(axis=(0, 2, 3), keepdims=True)
+    std = train_x.std(axis=(0, 2, 3), keepdims=True) + 1e-6
+    return (
+        torch.from_numpy(((train_x - mean) / std).astype(np.float32)),
+        torch.from_numpy(((test_x - mean) / std).astype(np.float32)),
+    )
+
+
+def load_digits(
+    data_dir: str | None, train_size: int | None, test_size: int | None, seed: int
+) -> Splits:
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), split at random.
+
+    Default: 300 training images, every other image for testing.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = bunch.images.astype(np.float32)[:, None] / 16.0
+    y = bunch.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    n_train = 300 if train_size is None else train_size
+    if not 0 < n_train < len(y):
+        raise ConfigError(
+            f"--train-size for digits must be between 1 and {len(y) - 1}, got {n_train}"
+        )
+    train_idx, test_idx = order[:n_train], order[n_train:]
+    test_x, test_y = _subset(x[test_idx], y[test_idx], test_size, rng)
+    train_x, test_x = _normalise(x[train_idx], test_x)
+    return Splits(train_x, torch.from_numpy(y[train_idx]), test_x, torch.from_numpy(test_y), 10)
+
+
+CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def _cifar10_folder(data_dir: str | None) -> Path:
+    if data_dir is None:
+        raise ConfigError("--dataset cifar10 needs --data-dir DIR (this command never downloads)")
+    for folder in (Path(data_dir), Path(data_dir) / "cifar-10-batches-py"):
+        if all((folder / name).is_file() for name in CIFAR10_FILES):
+            return folder
+    raise ConfigError(
+        f"CIFAR-10 not found in {data_dir}: expected the files {', '.join(CIFAR10_FILES)} of the "
+        f"python version (cifar-10-python.tar.gz, extracted) in that folder or in its "
+        f"cifar-10-batches-py/ subfolder"
+    )
+
+
+def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, TypeError, KeyError, ValueError) as error:
+        raise ConfigError(f"{path} is not a CIFAR-10 python batch ({error})") from None
+    return x, y
+
+
+def load_cifar10(
+    data_dir: str | None, train_size: int | None, test_size: int | None, seed: int
+) -> Splits:
+    """CIFAR-10 from the extracted python batches in a local folder; never downloads.
+
+    Default: a random 5000-image training subset (so that it overfits) and 2000 test images.
+    """
+    folder = _cifar10_folder(data_dir)
+    parts = [_read_cifar10_batch(folder / name) for name in CIFAR10_FILES[:-1]]
+    train_x = np.concatenate([p[0] for p in parts])
+    train_y = np.concatenate([p[1] for p in parts])
+    test_x, test_y = _read_cifar10_batch(folder / "test_batch")
+    rng = np.random.default_rng(seed)
+    train_x, train_y = _subset(train_x, train_y, 5000 if train_size is None else train_size, rng)
+    test_x, test_y = _subset(test_x, test_y, 2000 if test_size is None else test_size, rng)
+    train_t, test_t = _normalise(train_x.astype(np.float32) / 255, test_x.astype(np.float32) / 255)
+    return Splits(train_t, torch.from_numpy(train_y), test_t, torch.from_numpy(test_y), 10)
+
+
+DATASETS: dict[str, Callable[..., Splits]] = {"digits": load_digits, "cifar10": load_cifar10}
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | None = None,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
+) -> Splits:
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name](data_dir, train_size, test_size, seed)
