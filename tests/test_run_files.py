@@ -17,7 +17,7 @@ from sparsity_ext.app.run_files import (
     read_history,
     read_run,
 )
-from sparsity_ext.app.cli import main
+from sparsity_ext_cli import main
 
 LAYERS = ["features.0", "features.stage2_relu", "3"]  # "3": a layer name that looks like a number
 EPOCHS = 4

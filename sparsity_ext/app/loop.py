@@ -62,6 +62,8 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(
             f"--device {name!r} is not a device name (try cpu, cuda, cuda:1)"
         ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: not a compute device (try cpu, cuda, cuda:1)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name}: CUDA is not available on this machine")
