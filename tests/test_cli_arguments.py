@@ -115,6 +115,14 @@ def test_bench_on_a_missing_gpu_exits_2_before_timing(started, capsys, monkeypat
     assert started == []
 
 
+def test_library_callers_get_the_device_check_too():
+    for name, message in [("meta", "--device meta: not a compute device"),
+                          ("tpu-ish", "--device 'tpu-ish' is not a device name")]:  # fmt: skip
+        with pytest.raises(loop.ConfigError, match=message):
+            loop.resolve_device(name)
+    assert loop.resolve_device("cpu") == loop.torch.device("cpu")
+
+
 def test_train_gets_every_flag_as_its_config(tmp_path, started, monkeypatch):
     out = str(tmp_path / "new" / "run")
     argv = ["train", "--out", out, "--dataset", "cifar10", "--data-dir", "somewhere",

@@ -166,6 +166,8 @@ def bad_cifar10_batches():
          invalid + "data must have shape (images, 3072), got (4, 3000)"),
         ({b"data": pixels[:0], b"labels": []},
          invalid + "data must have shape (images, 3072), got (0, 3072)"),
+        ({b"data": pixels, b"labels": [[0], [1, 2], [3], [4]]},
+         invalid + "data or labels is not an array"),
         ({b"data": pixels}, "is not a CIFAR-10 python batch (no data and labels entries)"),
         ([pixels, labels], "is not a CIFAR-10 python batch (no data and labels entries)"),
     ]  # fmt: skip

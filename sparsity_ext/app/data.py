@@ -102,7 +102,9 @@ def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         pixels, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
     except ValueError as error:  # ragged lists
-        raise ConfigError(f"{path}: data or labels is not an array ({error})") from None
+        raise ConfigError(
+            f"{path} is not a valid CIFAR-10 batch: data or labels is not an array ({error})"
+        ) from None
     problem = None
     if pixels.ndim != 2 or pixels.shape[1] != CIFAR10_IMAGE_SIZE or len(pixels) == 0:
         problem = f"data must have shape (images, {CIFAR10_IMAGE_SIZE}), got {pixels.shape}"
