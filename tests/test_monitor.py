@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsity_ext
+from sparsity_ext import monitor as monitor_module
 from sparsity_ext import ops, reference
 from sparsity_ext.monitor import SparsityMonitor, SparsityPenalty, default_layers
 from sparsity_ext.app.data import load_digits
@@ -198,26 +200,31 @@ def test_penalty_gradient_matches_autograd_of_the_reference():
 
 
 def test_penalty_runs_the_op_once_per_layer_and_the_monitor_reuses_it(monkeypatch):
+    torch.manual_seed(0)
     model = SmallVGG(1, 10, 8)
     x = torch.randn(4, 1, 8, 8)
-    calls = []
-    real = ops.channel_stats
+    graph_calls, plain_calls = [], []
+    real_graph, real_plain = ops.channel_stats, monitor_module._softmax_rows
+    monkeypatch.setattr(ops, "channel_stats", lambda a: graph_calls.append(1) or real_graph(a))
     monkeypatch.setattr(
-        ops, "channel_stats", lambda a: calls.append(torch.is_grad_enabled()) or real(a)
+        monitor_module, "_softmax_rows", lambda a: plain_calls.append(1) or real_plain(a)
     )
     plain = SparsityMonitor(model)
     model(x)
     expected = plain.end_epoch(0)
     plain.remove()
-    assert calls == [False] * 4
-    calls.clear()
+    assert (graph_calls, plain_calls) == ([], [1] * 4)
+    plain_calls.clear()
     penalty = SparsityPenalty(model, 1.0)
     model(x)
-    assert calls == [True] * 4  # with grad, once per conv activation, no second no-grad pass
+    assert (graph_calls, plain_calls) == ([1] * 4, [])  # with grad, once per conv activation
     value = penalty()
     got = penalty.monitor.end_epoch(0)
-    assert [r.sparsity for r in got] == pytest.approx([r.sparsity for r in expected], rel=1e-6)
+    for g, e in zip(got, expected):
+        for field in ("sparsity", "entropy", "sparsity_l1", "zero_fraction", "mean_activation"):
+            assert getattr(g, field) == pytest.approx(getattr(e, field), rel=1e-6), field
     assert value.item() == pytest.approx(sum(r.sparsity for r in got) / 4, rel=1e-5)
+    assert penalty.layers == [r.layer for r in got]
     model(x)  # a new forward pass replaces the previous pass's values
     assert penalty().item() == pytest.approx(value.item(), rel=1e-6)
     penalty.monitor.remove()
@@ -241,33 +248,100 @@ def test_the_public_exports():
     assert callable(sparsity_ext.overfitting_warning)
 
 
-def _train_digits(penalty_weight: float, seed: int, epochs: int = 4) -> float:
-    """Short digits run; returns the final mean test sparsity over the conv layers."""
-    data = load_digits(None, 200, 300, seed)
-    torch.manual_seed(seed)
-    model = SmallVGG(1, 10, 8)
+def test_a_gradient_step_on_the_penalty_lowers_it():
+    """Deterministic: a small enough step against the penalty's gradient lowers the
+    penalty on the same batch (a zero, None or sign-flipped gradient fails)."""
+    torch.manual_seed(0)
+    data = load_digits(None, 64, 32, 0)
+    for normalize in ("softmax", "l1"):
+        torch.manual_seed(0)
+        model = SmallVGG(1, 10, 8)
+        penalty = SparsityPenalty(model, 1.0, normalize=normalize)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        model(data.train_x)
+        before = penalty()
+        optimizer.zero_grad()
+        before.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert sum(g.abs().sum() for g in grads) > 0, normalize
+        optimizer.step()
+        model(data.train_x)
+        assert penalty().item() < before.item(), normalize
+        penalty.monitor.remove()
+
+
+def hand_columns(outputs: list[torch.Tensor]) -> dict[str, float]:
+    """Every record column from the activations, by the textbook formulas in float64."""
+    rows = torch.cat([a.detach().double().flatten(2).flatten(0, 1) for a in outputs])
+    length = rows.shape[1]
+    p = torch.softmax(rows, dim=1)
+    entropy = torch.special.entr(p).sum(1)
+    a = rows.clamp_min(0)
+    total = a.sum(1)
+    live = total > 0
+    q = a[live] / total[live, None]
+    entropy_l1 = torch.special.entr(q).sum(1)
+    return {
+        "sparsity": ((length - entropy.exp()) / (length - 1)).mean().item(),
+        "entropy": entropy.mean().item(),
+        "sparsity_l1": ((length - entropy_l1.exp()) / (length - 1)).mean().item(),
+        "entropy_l1": entropy_l1.mean().item(),
+        "zero_fraction": (rows <= 0).double().mean().item(),
+        "dead_fraction": 1 - live.double().mean().item(),
+        "mean_activation": rows.mean().item(),
+        "rows": rows.shape[0],
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_every_column_equals_a_float64_hand_formula(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 3, 3), nn.ELU())
+    with torch.no_grad():
+        model[0].bias[0] = -100.0  # channel 0 of the ReLU is dead in every sample
+    model.to(dtype)
     monitor = SparsityMonitor(model)
-    penalty = SparsityPenalty(monitor, penalty_weight)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(data.train_y), generator=generator).split(32):
-            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx]) + penalty()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            model(data.test_x)
-        records = monitor.end_epoch(epoch)
+    seen, handles = collect_activations(model, ["1", "3"])
+    for n in (3, 1, 4):
+        model(torch.randn(n, 2, 7, 6, dtype=dtype) * 2)
+    records = {r.layer: r for r in monitor.end_epoch(0)}
     monitor.remove()
-    test = [r.sparsity for r in records if r.split == "test"]
-    return sum(test) / len(test)
+    for h in handles:
+        h.remove()
+    assert set(records) == {"1", "3"}
+    assert records["1"].dead_fraction == pytest.approx(1 / 5, abs=1e-12)
+    # Per-row values are float32 before they are averaged, also for 16-bit activations:
+    # averaging values rounded to bfloat16 would be off by ~1e-3, far outside these bounds.
+    rel = 1e-12 if dtype == torch.float64 else 2e-6
+    for name, record in records.items():
+        expected = hand_columns(seen[name])
+        assert record.rows == expected.pop("rows")
+        for field, value in expected.items():
+            assert getattr(record, field) == pytest.approx(value, rel=rel, abs=rel), (name, field)
 
 
-def test_training_with_the_penalty_ends_with_lower_sparsity():
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    without = _train_digits(0.0, seed)
-    with_penalty = _train_digits(2.0, seed)
-    assert with_penalty < 0.75 * without, (seed, with_penalty, without)
+def test_the_l1_stand_in_keeps_the_native_contract_and_its_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    x[0, 1] = -x[0, 1].abs()  # a dead row
+    x[1, 2, 0, 0] = 0.0  # an exact zero on a live row
+    x.requires_grad_(True)
+    entropy, perplexity, sparsity, row_stats = monitor_module.l1_stats_forward(x)
+    assert row_stats.shape == (4, 3, 4) and row_stats.dtype == torch.float64
+    rows = x.detach().flatten(2)
+    a = rows.clamp_min(0)
+    torch.testing.assert_close(row_stats[0], a.sum(-1))
+    torch.testing.assert_close(row_stats[2], (rows <= 0).sum(-1).double())
+    torch.testing.assert_close(row_stats[3], rows.sum(-1))
+    assert entropy[0, 1].item() == pytest.approx(math.log(30)) and sparsity[0, 1].item() == 0
+    torch.testing.assert_close(perplexity, entropy.exp())
+    # Gradient: -(log a_i - T/S) / S where x_i > 0, exactly 0 elsewhere (ReLU convention).
+    (grad,) = torch.autograd.grad(entropy.sum(), x)
+    s, t_over_s = row_stats[0, ..., None], row_stats[1, ..., None]
+    live = (a > 0) & (s > 0)
+    expected = torch.where(live, -(a.clamp_min(1e-300).log() - t_over_s) / s, 0.0)
+    torch.testing.assert_close(grad.flatten(2), expected)
+    assert grad.isfinite().all() and (grad.flatten(2)[~live] == 0).all()
+    # Scale invariance of the L1 measure; float32 row_stats for 16-bit input.
+    torch.testing.assert_close(monitor_module.l1_stats_forward(x.detach() * 7.5)[2], sparsity.detach())
+    assert monitor_module.l1_stats_forward(x.detach().half())[3].dtype == torch.float32
