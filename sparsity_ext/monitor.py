@@ -38,8 +38,8 @@ rule (``channel_dim`` overrides it, per monitor or per layer):
 
 Calls. A module called ``k`` times in one forward pass of the model gives ``k`` records:
 its ``j``-th call (from 0) is named ``f"{name}#{j}"``; a module only ever seen called once
-per pass keeps its plain ``name``. Calls are counted from the model's forward pre-hook, so
-call a submodule alone and its calls keep counting until the next forward of the model.
+per pass keeps its plain ``name``. Calls are counted from the start and from the end of
+each forward pass of the model, so a submodule called alone between passes starts at 0.
 
 Hooks that fire while autograd runs a backward pass (the recomputation of
 ``torch.utils.checkpoint``) are ignored: those rows were counted in the forward pass.
@@ -51,6 +51,7 @@ per-call means of the latest forward pass.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -118,7 +119,7 @@ class SparsityRecord(NamedTuple):
 
 # ---------------------------------------------------------------------------------------
 # STAND-IN for the fused native op torch.ops.sparsity_ext.l1_stats_forward (written in
-# another branch). Same contract; `_l1_stats` below uses the native op once it is registered.
+# another branch). Same contract; `_Backend.l1_stats` uses the native op once it is registered.
 def l1_stats_forward(x: torch.Tensor):
     """L1-normalised entropy, perplexity and sparsity of every row, plus row statistics.
 
@@ -155,57 +156,73 @@ def l1_stats_forward(x: torch.Tensor):
 # ---------------------------------------------------------------------------------------
 
 
-def _native_l1_available() -> bool:
-    return _extension.load().loaded and hasattr(torch.ops.sparsity_ext, "l1_stats_forward")
+class _Backend(NamedTuple):
+    """Which native kernels serve the monitor, resolved once (outside any compiled graph:
+    the extension loader takes a lock, which torch.compile cannot trace)."""
+
+    kernel_devices: frozenset  # device types with the fused channel_stats kernels
+    native_l1: bool  # torch.ops.sparsity_ext.l1_stats_forward is registered
+    l1_graph_impl: object  # differentiable L1 stats for the penalty
+
+    @staticmethod
+    def resolve() -> _Backend:
+        status = _extension.load()
+        native_l1 = status.loaded and hasattr(torch.ops.sparsity_ext, "l1_stats_forward")
+        l1_graph_impl = None
+        for impl in (ops.channel_stats, reference.channel_stats):
+            if "normalize" in inspect.signature(impl).parameters:
+                l1_graph_impl = functools.partial(impl, normalize="l1")
+                break
+        if l1_graph_impl is None:  # until the fused L1 op lands: the differentiable stand-in
+            l1_graph_impl = _stand_in_l1_channel_stats
+        return _Backend(frozenset(status.devices), native_l1, l1_graph_impl)
+
+    def l1_stats(self, x: torch.Tensor):
+        """``l1_stats_forward``'s contract, through the native op when it is registered."""
+        if self.native_l1 and x.device.type in self.kernel_devices:
+            return torch.ops.sparsity_ext.l1_stats_forward(x)
+        return l1_stats_forward(x)
+
+    def graph_stats(self, x: torch.Tensor, normalize: str) -> reference.ChannelStats:
+        """Graph-connected per-row stats of ``normalize``, for the penalty."""
+        if normalize == "l1":
+            return self.l1_graph_impl(x)
+        if x.device.type in self.kernel_devices:
+            return reference.ChannelStats(*ops.ChannelStatsFunction.apply(x))
+        return reference.channel_stats(x)
+
+    def softmax_rows(self, x: torch.Tensor):
+        """(entropy, sparsity) of every row, each ``(N, C)`` in the accumulation dtype."""
+        acc = reference.accumulation_dtype(x.dtype)
+        if x.device.type not in self.kernel_devices:
+            stats = reference.channel_stats(x.to(acc))
+            return stats.entropy, stats.sparsity
+        entropy, _, sparsity, row_stats = torch.ops.sparsity_ext.channel_stats_forward(x)
+        if x.dtype == acc:
+            return entropy, sparsity
+        # 16-bit x: rebuild the float32 values from the row statistics (max, log_sum,
+        # mean_shift) rather than average values rounded to x's dtype.
+        entropy = row_stats[1] - row_stats[2]
+        return entropy, _sparsity_from_entropy(entropy, x.shape[2:].numel())
+
+    def l1_rows(self, x: torch.Tensor):
+        """(entropy, sparsity, S, count of x <= 0, sum of x) per row, accumulation dtype."""
+        entropy, _, sparsity, row_stats = self.l1_stats(x)
+        if x.dtype != row_stats.dtype:
+            s, t_over_s = row_stats[0], row_stats[1]
+            entropy = torch.where(s == 0, math.log(x.shape[2:].numel()), s.log() - t_over_s)
+            sparsity = _sparsity_from_entropy(entropy, x.shape[2:].numel())
+        return entropy, sparsity, row_stats[0], row_stats[2], row_stats[3]
 
 
-def _l1_stats(x: torch.Tensor):
-    """``l1_stats_forward``'s contract, through the native op when it is registered."""
-    if _native_l1_available() and _extension.kernel_available(x.device.type):
-        return torch.ops.sparsity_ext.l1_stats_forward(x)
-    return l1_stats_forward(x)
-
-
-def _differentiable_stats(x: torch.Tensor, normalize: str) -> reference.ChannelStats:
-    """Graph-connected per-row stats of ``normalize`` for the penalty."""
-    if normalize == "softmax":
-        return ops.channel_stats(x)
-    for impl in (ops.channel_stats, reference.channel_stats):
-        if "normalize" in inspect.signature(impl).parameters:
-            return impl(x, normalize="l1")
+def _stand_in_l1_channel_stats(x: torch.Tensor) -> reference.ChannelStats:
     return reference.ChannelStats(*l1_stats_forward(x)[:3])
-
-
-def _softmax_rows(x: torch.Tensor):
-    """(entropy, sparsity) of every row, each ``(N, C)`` in the accumulation dtype."""
-    acc = reference.accumulation_dtype(x.dtype)
-    if not _extension.kernel_available(x.device.type):
-        stats = reference.channel_stats(x.to(acc))
-        return stats.entropy, stats.sparsity
-    entropy, _, sparsity, row_stats = torch.ops.sparsity_ext.channel_stats_forward(x)
-    if x.dtype == acc:
-        return entropy, sparsity
-    # 16-bit x: rebuild the float32 values from the row statistics (max, log_sum,
-    # mean_shift) rather than average values rounded to x's dtype.
-    entropy = row_stats[1] - row_stats[2]
-    return entropy, _sparsity_from_entropy(entropy, x.shape[2:].numel())
 
 
 def _sparsity_from_entropy(entropy: torch.Tensor, length: int) -> torch.Tensor:
     if length == 1:
         return entropy * 0
     return (length - entropy.exp()) / (length - 1)
-
-
-def _l1_rows(x: torch.Tensor):
-    """(entropy, sparsity, S, count of x <= 0, sum of x) per row, accumulation dtype."""
-    entropy, _, sparsity, row_stats = _l1_stats(x)
-    if x.dtype != row_stats.dtype:
-        s, t_over_s = row_stats[0], row_stats[1]
-        dead = s == 0
-        entropy = torch.where(dead, math.log(x.shape[2:].numel()), s.log() - t_over_s)
-        sparsity = _sparsity_from_entropy(entropy, x.shape[2:].numel())
-    return entropy, sparsity, row_stats[0], row_stats[2], row_stats[3]
 
 
 # Columns of the per-(split, layer call) buffer.
@@ -336,6 +353,7 @@ class SparsityMonitor:
         for name, dim in self.channel_dims.items():
             if dim is not None and not isinstance(dim, int):
                 raise TypeError(f"channel_dim for {name!r} must be an int or None, got {dim!r}")
+        self._backend = _Backend.resolve()
         self._rules = {name: _axes_rule(model, name, m) for name, m in self.layers.items()}
         self.split: str | None = None
         self.enabled = True
@@ -356,6 +374,7 @@ class SparsityMonitor:
         ]
         # A new forward pass: restart the call counts and the penalty's graph values.
         self._handles.append(model.register_forward_pre_hook(self._start_forward))
+        self._handles.append(model.register_forward_hook(self._end_forward))
 
     # -- lifecycle --------------------------------------------------------------------
     def __enter__(self) -> SparsityMonitor:
@@ -381,6 +400,9 @@ class SparsityMonitor:
     def _start_forward(self, module, inputs) -> None:
         self._calls.clear()
         self._graph_means.clear()
+
+    def _end_forward(self, module, inputs, output) -> None:
+        self._calls.clear()
 
     # -- per batch --------------------------------------------------------------------
     def _skip(self, name: str, why: str) -> None:
@@ -443,14 +465,14 @@ class SparsityMonitor:
         softmax = None
         measure = self.graph_measure
         if measure is not None and torch.is_grad_enabled() and x.requires_grad:
-            stats = _differentiable_stats(x, measure)
+            stats = self._backend.graph_stats(x, measure)
             acc = reference.accumulation_dtype(stats.sparsity.dtype)
             self._graph_means[(name, call)] = stats.sparsity.mean(dtype=acc)
             if measure == "softmax" and x.dtype == acc:  # reuse: the op ran once already
                 softmax = (stats.entropy.detach(), stats.sparsity.detach())
         with torch.no_grad():
             if softmax is None:
-                softmax = _softmax_rows(x)
+                softmax = self._backend.softmax_rows(x)
             if self._capture is not None:
                 self._capture[(name, call)] = softmax[1].float().cpu()
                 return
@@ -467,7 +489,7 @@ class SparsityMonitor:
         if buffer is None:
             dtype = torch.float32 if x.device.type == "mps" else torch.float64
             buffer = self._buffers[key] = torch.zeros(_COLUMNS, dtype=dtype, device=x.device)
-        entropy_l1, sparsity_l1, s, zeros, total = _l1_rows(x)
+        entropy_l1, sparsity_l1, s, zeros, total = self._backend.l1_rows(x)
         live = s.sign()  # 1 for a live row, 0 for a dead one (S >= 0)
         columns = torch.stack([sparsity, entropy, sparsity_l1, entropy_l1 * live, live, zeros,
                                total])  # fmt: skip

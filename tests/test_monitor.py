@@ -204,10 +204,13 @@ def test_penalty_runs_the_op_once_per_layer_and_the_monitor_reuses_it(monkeypatc
     model = SmallVGG(1, 10, 8)
     x = torch.randn(4, 1, 8, 8)
     graph_calls, plain_calls = [], []
-    real_graph, real_plain = ops.channel_stats, monitor_module._softmax_rows
-    monkeypatch.setattr(ops, "channel_stats", lambda a: graph_calls.append(1) or real_graph(a))
+    backend = monitor_module._Backend
+    real_graph, real_plain = backend.graph_stats, backend.softmax_rows
     monkeypatch.setattr(
-        monitor_module, "_softmax_rows", lambda a: plain_calls.append(1) or real_plain(a)
+        backend, "graph_stats", lambda *a: graph_calls.append(1) or real_graph(*a)
+    )
+    monkeypatch.setattr(
+        backend, "softmax_rows", lambda *a: plain_calls.append(1) or real_plain(*a)
     )
     plain = SparsityMonitor(model)
     model(x)
@@ -345,3 +348,201 @@ def test_the_l1_stand_in_keeps_the_native_contract_and_its_gradient():
     # Scale invariance of the L1 measure; float32 row_stats for 16-bit input.
     torch.testing.assert_close(monitor_module.l1_stats_forward(x.detach() * 7.5)[2], sparsity.detach())
     assert monitor_module.l1_stats_forward(x.detach().half())[3].dtype == torch.float32
+
+
+class TwiceCalled(nn.Module):
+    """One ReLU module called on two maps of different widths, like torchvision's blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 6, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))))
+
+
+def test_one_record_per_call_and_capture_keeps_every_call():
+    torch.manual_seed(0)
+    model = TwiceCalled()
+    monitor = SparsityMonitor(model)
+    seen, handles = collect_activations(model, ["relu"])
+    x = torch.randn(4, 2, 5, 5)
+    model(x)
+    model(x[:3])
+    records = {r.layer: r for r in monitor.end_epoch(0)}
+    assert list(records) == ["relu#0", "relu#1"]
+    assert [records["relu#0"].rows, records["relu#1"].rows] == [7 * 3, 7 * 6]
+    for call in (0, 1):
+        expected = hand_columns(seen["relu"][call::2])
+        assert records[f"relu#{call}"].sparsity == pytest.approx(expected["sparsity"], abs=1e-6)
+    with torch.no_grad(), monitor.capture() as maps:
+        model(x)
+    assert list(maps) == ["relu#0", "relu#1"]
+    assert [m.shape for m in maps.values()] == [(4, 3), (4, 6)]
+    torch.testing.assert_close(maps["relu#1"], ops.sparsity(seen["relu"][-1]).float())
+    assert monitor.end_epoch(1) == []  # captured passes are not accumulated
+    monitor.remove()
+    for h in handles:
+        h.remove()
+
+
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt's pattern: a Linear over the last dim of (N, H, W, C), then a GELU."""
+
+    def __init__(self, dim=4):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        return x + self.fc2(self.act(self.fc1(y))).permute(0, 3, 1, 2)
+
+
+class TokenMLP(nn.Module):
+    """A transformer MLP on (N, T, D) tokens, plus a bare 3-D activation without a Linear."""
+
+    def __init__(self, dim=6):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.bare = nn.Tanh()
+
+    def forward(self, x):
+        return self.bare(self.mlp(x))
+
+
+def test_axes_rule_channels_last_tokens_and_ambiguous_outputs():
+    torch.manual_seed(0)
+    block = ChannelsLastBlock()
+    seen, handles = collect_activations(block, ["act"])
+    with SparsityMonitor(block) as monitor:
+        block(torch.randn(3, 4, 5, 7))
+        (record,) = monitor.end_epoch(0)
+    assert record.layer == "act" and record.rows == 3 * 16  # (sample, feature), not (N, H)
+    channels_first = seen["act"][0].permute(0, 3, 1, 2)  # (N, 4C, H, W)
+    assert record.sparsity == pytest.approx(hand_columns([channels_first])["sparsity"], abs=1e-6)
+
+    tokens = TokenMLP()
+    seen, _ = collect_activations(tokens, ["mlp.1", "bare"])
+    with SparsityMonitor(tokens) as monitor:
+        with pytest.warns(UserWarning, match=r"'bare' gives a 3-D output .* channel_dim="):
+            tokens(torch.randn(2, 9, 6))
+        tokens(torch.randn(2, 9, 6))  # warned once only (pytest fails on a second warning)
+        (record,) = monitor.end_epoch(0)
+    assert record.layer == "mlp.1" and record.rows == 2 * 2 * 12  # features x 2 batches
+    expected = hand_columns([a.transpose(1, 2) for a in seen["mlp.1"]])
+    assert record.entropy == pytest.approx(expected["entropy"], rel=1e-6)
+    assert record.sparsity_l1 == pytest.approx(expected["sparsity_l1"], rel=1e-6)
+
+    # An explicit channel_dim overrides the rule, per layer.
+    with SparsityMonitor(tokens, channel_dim={"bare": 1}) as monitor:
+        x = torch.randn(2, 9, 6)
+        tokens(x)
+        records = {r.layer: r for r in monitor.end_epoch(0)}
+    assert records["bare"].rows == 2 * 9 and records["mlp.1"].rows == 2 * 12
+    with pytest.raises(ValueError, match="not monitored"):
+        SparsityMonitor(tokens, channel_dim={"nope": 1})
+
+
+def test_one_position_outputs_are_skipped_and_the_penalty_averages_over_layers_with_rows():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),  # (N, 4, 6, 6): measured
+        nn.AdaptiveAvgPool2d(1),
+        nn.Sigmoid(),  # (N, 4, 1, 1): one position, skipped
+        nn.Flatten(),
+        nn.Linear(4, 3),
+        nn.Tanh(),  # (N, 3): skipped
+    )
+    penalty = SparsityPenalty(model, 1.0)
+    x = torch.randn(5, 2, 6, 6)
+    model(x)
+    value = penalty()
+    assert penalty.layers == ["1"]
+    a = model[1](model[0](x))  # a submodule called alone: its call count starts at 0
+    torch.testing.assert_close(value, reference.sparsity(a).mean())  # not diluted by zeros
+    assert [r.layer for r in penalty.monitor.end_epoch(0)] == ["1"]
+    penalty.monitor.remove()
+
+
+def test_requested_layers_without_rows_are_named_in_a_warning():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2), nn.ReLU())
+    monitor = SparsityMonitor(model, layers=["1", "4"])
+    model(torch.randn(2, 1, 4, 4))
+    with pytest.warns(UserWarning, match=r"gave no rows this epoch \(4: 2-D output \(2, 2\)"):
+        assert [r.layer for r in monitor.end_epoch(0)] == ["1"]
+    monitor.remove()
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_recomputation_is_not_counted(use_reentrant):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3))
+    x = torch.randn(4, 2, 6, 6, requires_grad=True)
+    records = []
+    for checkpointed in (False, True):
+        with SparsityMonitor(model) as monitor:
+            if checkpointed:
+                out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=use_reentrant)
+            else:
+                out = model(x)
+            out.sum().backward()
+            records.append(monitor.end_epoch(0))
+    assert records[0] == records[1] and records[0][0].rows == 4 * 3
+
+
+def test_a_deepcopy_has_its_own_monitor_and_a_monitored_model_pickles(tmp_path):
+    torch.manual_seed(0)
+    student = SmallVGG(1, 10, 8)
+    monitor = SparsityMonitor(student)
+    penalty = SparsityPenalty(monitor, 0.5)
+    x = torch.randn(4, 1, 8, 8)
+    student(x)
+    value = penalty()
+    teacher = copy.deepcopy(student)  # e.g. an EMA / teacher copy, taken mid-training
+    teacher(torch.randn(6, 1, 8, 8) * 5)  # must not touch the student's monitor
+    assert penalty().item() == value.item() and penalty.layers
+    records = monitor.end_epoch(0)
+    assert {r.rows for r in records} <= {4 * 32, 4 * 64}
+    torch.save(student, tmp_path / "student.pt")
+    loaded = torch.load(tmp_path / "student.pt", weights_only=False)
+    loaded(x)  # the loaded copy measures into its own monitor copy
+    assert monitor.end_epoch(1) == []
+    reloaded_monitor = next(iter(loaded.features.stage1_relu1._forward_hooks.values())).monitor
+    assert reloaded_monitor is not monitor
+    assert [r.sparsity for r in reloaded_monitor.end_epoch(0)] == pytest.approx(
+        [r.sparsity for r in records], rel=1e-6
+    )
+    monitor.remove()
+    assert hook_counts(copy.deepcopy(student)) == hook_counts(SmallVGG(1, 10, 8))
+
+
+def test_a_compiled_monitored_model_does_not_recompile_per_step():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = SmallResNet(1, 10, 8)
+    model = copy.deepcopy(eager)
+    expected_monitor = SparsityMonitor(eager)
+    compiled = torch.compile(model, backend="aot_eager")
+    monitor = SparsityMonitor(compiled)  # unwraps the OptimizedModule
+    assert monitor.model is model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(4, 1, 8, 8)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for _ in range(5):
+        compiled(x).sum().backward()
+        optimizer.step()
+        eager(x)
+    # The first step traces, the second once more (its buffers exist now), then no more.
+    assert counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
+    got, expected = monitor.end_epoch(0), expected_monitor.end_epoch(0)
+    assert [(r.layer, r.rows) for r in got] == [(r.layer, r.rows) for r in expected]
+    assert [r.sparsity for r in got] == pytest.approx([r.sparsity for r in expected], rel=1e-5)
+    torch._dynamo.reset()
