@@ -142,14 +142,18 @@ def l1_stats_forward(x: torch.Tensor):
     a = rows.clamp_min(0)
     s = a.sum(-1)
     dead = s == 0
-    # log of 1 where a == 0: a * log(a) is 0 there, and so is its gradient (never 0 * inf).
-    t = (a * torch.where(a > 0, a, torch.ones_like(a)).log()).sum(-1)
+    if torch.is_grad_enabled() and x.requires_grad:
+        # log of 1 where a == 0: a * log(a) is 0 there, and so is its gradient (not 0 * inf).
+        t = (a * torch.where(a > 0, a, torch.ones_like(a)).log()).sum(-1)
+    else:
+        # 0 log 0 = 0 without taking log(0): the CPU log's -inf path is ~30x slower.
+        t = (a * a.clamp_min(torch.finfo(acc).tiny).log()).sum(-1)
     s_safe = torch.where(dead, torch.ones_like(s), s)
     t_over_s = torch.where(dead, torch.zeros_like(s), t / s_safe)
     entropy = torch.where(dead, torch.full_like(s, math.log(length)), s_safe.log() - t_over_s)
     perplexity = torch.where(dead, torch.full_like(s, length), entropy.exp())  # exact L, SP 0
     sparsity = (length - perplexity) / (length - 1) if length > 1 else perplexity * 0
-    zeros = (rows <= 0).sum(-1, dtype=acc)
+    zeros = length - a.sign().sum(-1)  # count of x <= 0; a.sign() is 1 where x > 0
     row_stats = torch.stack([s, t_over_s, zeros, rows.sum(-1)])
     return entropy.to(x.dtype), perplexity.to(x.dtype), sparsity.to(x.dtype), row_stats
 # END STAND-IN
@@ -493,7 +497,7 @@ class SparsityMonitor:
         live = s.sign()  # 1 for a live row, 0 for a dead one (S >= 0)
         columns = torch.stack([sparsity, entropy, sparsity_l1, entropy_l1 * live, live, zeros,
                                total])  # fmt: skip
-        buffer[:_ROWS].add_(columns.sum((1, 2)).to(buffer.dtype))
+        buffer[:_ROWS].add_(columns.sum((1, 2)))  # float32 sums into the float64 buffer
         # Counts as scalar arguments of two tiny kernels: no host-to-device copy, no sync.
         rows = x.shape[0] * x.shape[1]
         buffer[_ROWS].add_(rows)
