@@ -401,9 +401,15 @@ class SparsityMonitor:
         self._handles.clear()
         self._graph_means.clear()
 
-    def _start_forward(self, module, inputs) -> None:
+    def start_pass(self) -> None:
+        """Start a new pass: restart the call counts and drop the penalty's graph values.
+        The model's forward pre-hook does this; call it yourself when a step runs the
+        hooked submodules without calling the model (e.g. a LightningModule's step)."""
         self._calls.clear()
         self._graph_means.clear()
+
+    def _start_forward(self, module, inputs) -> None:
+        self.start_pass()
 
     def _end_forward(self, module, inputs, output) -> None:
         self._calls.clear()
