@@ -162,7 +162,7 @@ def _log_epoch(writer, epoch: int, metrics: dict, records) -> None:
 def train(config: TrainConfig) -> dict:
     """Run the job described by ``config``; rank 0 writes every output into ``config.out``.
 
-    Outputs: history.csv (epoch, split, layer, sparsity, entropy, rows), metrics.csv
+    Outputs: history.csv (the fields of SparsityRecord), metrics.csv
     (epoch, train_loss, test_loss, train_acc, test_acc), summary.json, channel_maps.npz,
     the PNG plots, and TensorBoard events when tensorboard is installed.
     Returns the summary (the same dict on every rank).
