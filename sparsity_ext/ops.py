@@ -123,6 +123,23 @@ def _coefficient(perplexity, grads, length):
                                         + reference.sparsity_slope(length) * grad_sparsity)
 
 
+class _SecondOrderTerms:
+    """Per-row pieces of the backward op's derivatives, in the accumulation dtype, computed
+    from x alone (so differentiable again): J = dH/dx (N, C, L), PP, k, dk/dPP, the slope
+    dSP/dPP, and (d2H/dx2) direction."""
+
+    def __init__(self, measure, x, grads, direction):
+        derivatives = measure.entropy_derivatives(x, direction)
+        self.gradient, self.hvp = derivatives.gradient, derivatives.hvp
+        self.dtype = self.gradient.dtype
+        self.perplexity = derivatives.entropy.exp()
+        self.length = reference.positions(x)
+        self.slope = reference.sparsity_slope(self.length)
+        grads = [g.to(self.dtype) for g in grads]
+        self.k = _coefficient(self.perplexity, grads, self.length)
+        self.dk_dpp = grads[1] + self.slope * grads[2]
+
+
 # Where N sits in each argument and output of the ops: x, grad_x and the (N, C) results at 0,
 # row_stats (rows, N, C) at 1.
 FORWARD_N_DIMS = ((0,), (0, 0, 0, 1))
@@ -241,37 +258,28 @@ def _backward_function(measure: Measure):
         @staticmethod
         def backward(ctx, v):
             x, *grads = ctx.saved_tensors
-            derivatives = measure.entropy_derivatives(x, v)
-            gradient, perplexity = derivatives.gradient, derivatives.entropy.exp()
-            a = (v.reshape(gradient.shape).to(gradient.dtype) * gradient).sum(-1)
-            acc_grads = [g.to(gradient.dtype) for g in grads]
-            k = _coefficient(perplexity, acc_grads, reference.positions(x))
-            dk_dpp = acc_grads[1] + reference.sparsity_slope(reference.positions(x)) * acc_grads[2]
-            grad_x = ((a * perplexity * dk_dpp).unsqueeze(-1) * gradient
-                      + k.unsqueeze(-1) * derivatives.hvp)
-            slope = reference.sparsity_slope(reference.positions(x))
-            # row_stats: not differentiable; the dependence of grad_x on x through it is in
-            # grad_x already, as H, J and the Hessian are recomputed from x.
+            terms = _SecondOrderTerms(measure, x, grads, v)
+            a = (terms.gradient * v.reshape(terms.gradient.shape).to(terms.dtype)).sum(-1)
+            grad_x = (a * terms.perplexity * terms.dk_dpp).unsqueeze(-1) * terms.gradient \
+                + terms.k.unsqueeze(-1) * terms.hvp
+            # row_stats gets none: grad_x depends on x through it, but H, J and the Hessian
+            # are recomputed from x here, so that dependence is in grad_x already.
             return (grad_x.view(x.shape).to(x.dtype), None, a.to(x.dtype),
-                    (perplexity * a).to(x.dtype), (perplexity * slope * a).to(x.dtype))
+                    (terms.perplexity * a).to(x.dtype),
+                    (terms.perplexity * terms.slope * a).to(x.dtype))
 
         @staticmethod
         def jvp(ctx, tangent_x, _tangent_row_stats, *tangent_grads):
             x, *grads = ctx.saved_tensors
-            if tangent_x is None:
-                tangent_x = torch.zeros_like(x)
-            tangent_grads = [torch.zeros_like(g) if t is None else t
+            tangent_x = torch.zeros_like(x) if tangent_x is None else tangent_x
+            tangent_grads = [torch.zeros_like(g) if t is None else t.to(g.dtype)
                              for g, t in zip(grads, tangent_grads)]
-            derivatives = measure.entropy_derivatives(x, tangent_x)
-            gradient, perplexity = derivatives.gradient, derivatives.entropy.exp()
-            acc = gradient.dtype
-            acc_grads = [g.to(acc) for g in grads]
-            slope = reference.sparsity_slope(reference.positions(x))
-            d_perplexity = perplexity * (gradient * tangent_x.reshape(gradient.shape).to(acc)).sum(-1)
-            dk = (_coefficient(perplexity, [t.to(acc) for t in tangent_grads], reference.positions(x))
-                  + d_perplexity * (acc_grads[1] + slope * acc_grads[2]))
-            k = _coefficient(perplexity, acc_grads, reference.positions(x))
-            d_grad_x = dk.unsqueeze(-1) * gradient + k.unsqueeze(-1) * derivatives.hvp
+            terms = _SecondOrderTerms(measure, x, grads, tangent_x)
+            d_perplexity = terms.perplexity * (
+                terms.gradient * tangent_x.reshape(terms.gradient.shape).to(terms.dtype)).sum(-1)
+            dk = (_coefficient(terms.perplexity, [t.to(terms.dtype) for t in tangent_grads],
+                               terms.length) + d_perplexity * terms.dk_dpp)
+            d_grad_x = dk.unsqueeze(-1) * terms.gradient + terms.k.unsqueeze(-1) * terms.hvp
             return d_grad_x.view(x.shape).to(x.dtype)
 
     Backward.vmap = staticmethod(_vmap_rule(Backward.apply, BACKWARD_N_DIMS))

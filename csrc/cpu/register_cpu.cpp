@@ -19,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at:
   return call.outputs();
 }
 
-// grad_x is (almost always) freshly allocated and as large as x: first-touch page faults of 4 KB pages
+// grad_x is freshly allocated and as large as x: first-touch page faults of 4 KB pages
 // cost more than the kernel itself (float32, 64x64x56x56: ~15 of ~19 ms on 2 cores).
 // Asking for transparent huge pages on its 2 MB-aligned interior cuts them 512-fold
 // where THP is in "madvise" mode; it changes nothing where THP is "always" or "never".
