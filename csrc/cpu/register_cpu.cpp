@@ -7,7 +7,7 @@
 #include <sys/mman.h>
 #endif
 
-#include "../launch.h"
+#include "../host_prepare.h"
 #include "channel_stats_cpu.h"
 
 namespace sparsity_ext {
@@ -33,22 +33,21 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-at::Tensor backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
-                        const at::Tensor& grad_entropy, const at::Tensor& grad_perplexity,
-                        const at::Tensor& grad_sparsity) {
-  BackwardCall call =
-      prepare_backward(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity);
-  if (call.grad_x.numel() == 0) return call.grad_x;
-  advise_huge_pages(call.grad_x);
+void backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
+                   const at::Tensor& grad_entropy, const at::Tensor& grad_perplexity,
+                   const at::Tensor& grad_sparsity, at::Tensor& grad_x) {
+  const BackwardCall call =
+      prepare_backward(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity, grad_x);
+  if (grad_x.numel() == 0) return;
+  advise_huge_pages(grad_x);
   channel_stats_backward_cpu(call.params);
-  return call.grad_x;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsity_ext, CPU, m) {
   m.impl("channel_stats_forward", &forward_cpu);
-  m.impl("channel_stats_backward", &backward_cpu);
+  m.impl("channel_stats_backward.out", &backward_cpu);
 }
 
 }  // namespace sparsity_ext
