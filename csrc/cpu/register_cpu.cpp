@@ -1,4 +1,5 @@
-// CPU registration of the channel_stats operators: tensors -> params -> kernel.
+// CPU registration of the channel_stats operators: tensors -> params -> the kernel build
+// for this process's CPU capability (cpu_capability.h).
 #include <torch/library.h>
 
 #include <cstdint>
@@ -15,7 +16,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x) {
   ForwardCall call = prepare_forward(x);
-  if (call.entropy.numel() > 0) channel_stats_forward_cpu(call.params);
+  if (call.entropy.numel() > 0) SPARSITY_EXT_CPU_KERNEL(channel_stats_forward_cpu)(call.params);
   return call.outputs();
 }
 
@@ -40,7 +41,7 @@ void backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
       prepare_backward(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity, grad_x);
   if (grad_x.numel() == 0) return;
   advise_huge_pages(grad_x);
-  channel_stats_backward_cpu(call.params);
+  SPARSITY_EXT_CPU_KERNEL(channel_stats_backward_cpu)(call.params);
 }
 
 }  // namespace
