@@ -228,10 +228,12 @@ def _forward_function(measure: Measure, backward_function):
             ones, zeros = torch.ones_like(perplexity), torch.zeros_like(perplexity)
             gradient = _differentiable(backward_function, measure.backward_op,  # J = dH/dx
                                        x, row_stats, ones, zeros, zeros)
-            d_entropy = (gradient * tangent).reshape(*x.shape[:2], -1).sum(-1)
-            d_perplexity = perplexity * d_entropy
+            acc = reference.accumulation_dtype(x.dtype)
+            d_entropy = (gradient.to(acc) * tangent.to(acc)).reshape(*x.shape[:2], -1).sum(-1)
+            d_perplexity = perplexity.to(acc) * d_entropy
             slope = reference.sparsity_slope(reference.positions(x))
-            return d_entropy, d_perplexity, slope * d_perplexity, None
+            return (d_entropy.to(x.dtype), d_perplexity.to(x.dtype),
+                    (slope * d_perplexity).to(x.dtype), None)
 
     Forward.vmap = staticmethod(_vmap_rule(Forward.apply, FORWARD_N_DIMS))
     Forward.__name__ = Forward.__qualname__ = "".join(

@@ -202,3 +202,29 @@ def test_the_out_variant_is_refused_under_autograd_with_what_to_do():
         torch.ops.sparsity_ext.channel_stats_backward.out(x, row_stats, g, g, g, grad_x=grad_x)
     expected = torch.ops.sparsity_ext.channel_stats_backward(x.detach(), row_stats, g, g, g)
     assert torch.equal(grad_x, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lower_precision_jvp_and_double_backward_follow_float64(dtype):
+    """Tangents and second derivatives accumulate in float32: within a few roundings of
+    the float64 values."""
+    x64 = _input("channels_last")
+    tangent = torch.randn(x64.shape, generator=torch.Generator().manual_seed(4),
+                          dtype=torch.float64)
+    x = x64.to(dtype)
+    rtol = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    exact_tangent = func.jvp(exact, (x.double(),), (tangent.to(dtype).double(),))[1]
+    our_tangent = func.jvp(ours, (x,), (tangent.to(dtype),))[1]
+    assert our_tangent.dtype == dtype
+    torch.testing.assert_close(our_tangent.double(), exact_tangent, rtol=rtol,
+                               atol=rtol * exact_tangent.abs().max().item())
+
+    def second(f, t):
+        t = t.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(t).sum(), t, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), t)[0]
+
+    ours_second, exact_second = second(ours, x), second(exact, x.double())
+    assert ours_second.dtype == dtype
+    torch.testing.assert_close(ours_second.double(), exact_second, rtol=rtol,
+                               atol=rtol * exact_second.abs().max().item())
