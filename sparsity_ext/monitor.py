@@ -145,15 +145,19 @@ def l1_stats_forward(x: torch.Tensor):
     if torch.is_grad_enabled() and x.requires_grad:
         # log of 1 where a == 0: a * log(a) is 0 there, and so is its gradient (not 0 * inf).
         t = (a * torch.where(a > 0, a, torch.ones_like(a)).log()).sum(-1)
+        positives = a.detach().sign().sum(-1)
     else:
-        # 0 log 0 = 0 without taking log(0): the CPU log's -inf path is ~30x slower.
-        t = (a * a.clamp_min(torch.finfo(acc).tiny).log()).sum(-1)
+        # One scratch tensor, reused in place: each fresh x-sized temporary costs page
+        # faults on CPU. log(max(a, tiny)) is finite, so a * log is 0 where a == 0.
+        scratch = a.clamp_min(torch.finfo(acc).tiny).log_()
+        t = torch.mul(a, scratch, out=scratch).sum(-1)
+        positives = torch.sign(a, out=scratch).sum(-1)  # a.sign() is 1 where x > 0
     s_safe = torch.where(dead, torch.ones_like(s), s)
     t_over_s = torch.where(dead, torch.zeros_like(s), t / s_safe)
     entropy = torch.where(dead, torch.full_like(s, math.log(length)), s_safe.log() - t_over_s)
     perplexity = torch.where(dead, torch.full_like(s, length), entropy.exp())  # exact L, SP 0
     sparsity = (length - perplexity) / (length - 1) if length > 1 else perplexity * 0
-    zeros = length - a.sign().sum(-1)  # count of x <= 0; a.sign() is 1 where x > 0
+    zeros = length - positives  # count of x <= 0
     row_stats = torch.stack([s, t_over_s, zeros, rows.sum(-1)])
     return entropy.to(x.dtype), perplexity.to(x.dtype), sparsity.to(x.dtype), row_stats
 # END STAND-IN

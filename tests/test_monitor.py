@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -518,6 +519,8 @@ def test_a_deepcopy_has_its_own_monitor_and_a_monitored_model_pickles(tmp_path):
     assert [r.sparsity for r in reloaded_monitor.end_epoch(0)] == pytest.approx(
         [r.sparsity for r in records], rel=1e-6
     )
+    clone = pickle.loads(pickle.dumps(monitor))  # a monitor pickles on its own as well
+    assert clone.history == monitor.history and clone.layers.keys() == monitor.layers.keys()
     monitor.remove()
     assert hook_counts(copy.deepcopy(student)) == hook_counts(SmallVGG(1, 10, 8))
 
