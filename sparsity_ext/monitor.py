@@ -354,7 +354,9 @@ class SparsityMonitor:
         if isinstance(channel_dim, Mapping):
             unknown = set(channel_dim) - set(self.layers)
             if unknown:
-                raise ValueError(f"channel_dim names layers that are not monitored: {sorted(unknown)}")
+                raise ValueError(
+                    f"channel_dim names layers that are not monitored: {sorted(unknown)}"
+                )
             self.channel_dims = {name: channel_dim.get(name) for name in self.layers}
         else:
             self.channel_dims = {name: channel_dim for name in self.layers}
@@ -621,9 +623,15 @@ class SparsityMonitor:
             maps.update({self.record_name(n, c): m for (n, c), m in captured.items()})
 
 
+_current_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 def _in_backward() -> bool:
-    """True while the autograd engine runs a backward pass on this thread."""
-    return torch._C._current_graph_task_id() != -1
+    """True while the autograd engine runs a backward pass on this thread (-1 outside one).
+
+    The autograd engine's own flag, so it holds for reentrant and non-reentrant
+    checkpointing alike; torch has no public spelling of it (2.11-2.14)."""
+    return _current_graph_task_id() != -1
 
 
 class SparsityPenalty:

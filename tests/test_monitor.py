@@ -347,7 +347,8 @@ def test_the_l1_stand_in_keeps_the_native_contract_and_its_gradient():
     torch.testing.assert_close(grad.flatten(2), expected)
     assert grad.isfinite().all() and (grad.flatten(2)[~live] == 0).all()
     # Scale invariance of the L1 measure; float32 row_stats for 16-bit input.
-    torch.testing.assert_close(monitor_module.l1_stats_forward(x.detach() * 7.5)[2], sparsity.detach())
+    scaled = monitor_module.l1_stats_forward(x.detach() * 7.5)[2]
+    torch.testing.assert_close(scaled, sparsity.detach())
     assert monitor_module.l1_stats_forward(x.detach().half())[3].dtype == torch.float32
 
 
