@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -346,7 +347,8 @@ def test_the_l1_stand_in_keeps_the_native_contract_and_its_gradient():
     torch.testing.assert_close(grad.flatten(2), expected)
     assert grad.isfinite().all() and (grad.flatten(2)[~live] == 0).all()
     # Scale invariance of the L1 measure; float32 row_stats for 16-bit input.
-    torch.testing.assert_close(monitor_module.l1_stats_forward(x.detach() * 7.5)[2], sparsity.detach())
+    scaled = monitor_module.l1_stats_forward(x.detach() * 7.5)[2]
+    torch.testing.assert_close(scaled, sparsity.detach())
     assert monitor_module.l1_stats_forward(x.detach().half())[3].dtype == torch.float32
 
 
@@ -518,6 +520,8 @@ def test_a_deepcopy_has_its_own_monitor_and_a_monitored_model_pickles(tmp_path):
     assert [r.sparsity for r in reloaded_monitor.end_epoch(0)] == pytest.approx(
         [r.sparsity for r in records], rel=1e-6
     )
+    clone = pickle.loads(pickle.dumps(monitor))  # a monitor pickles on its own as well
+    assert clone.history == monitor.history and clone.layers.keys() == monitor.layers.keys()
     monitor.remove()
     assert hook_counts(copy.deepcopy(student)) == hook_counts(SmallVGG(1, 10, 8))
 
