@@ -50,7 +50,8 @@ if (torch.version.cuda is not None and "CUDA_HOME" not in os.environ
         and "CUDA_PATH" not in os.environ and (_STANDARD_CUDA_HOME / "bin" / "nvcc").exists()):
     os.environ["CUDA_HOME"] = str(_STANDARD_CUDA_HOME)
 # C++ sources compiled once per build.
-CPU_SOURCES = ("ops.cpp", "launch.cpp", "cpu/cpu_capability.cpp", "cpu/register_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "launch.cpp", "cpu/cpu_capability.cpp", "cpu/recycled_buffers.cpp",
+               "cpu/register_cpu.cpp")
 # CPU kernel files, compiled once per CPU capability: list each once, write it as
 # csrc/cpu/cpu_capability.h says (CPU_CAPABILITY namespace, everything else anonymous).
 CPU_KERNEL_SOURCES = ("cpu/channel_stats_cpu.cpp",)

@@ -2,14 +2,9 @@
 // for this process's CPU capability (cpu_capability.h).
 #include <torch/library.h>
 
-#include <cstdint>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "../launch.h"
 #include "channel_stats_cpu.h"
+#include "recycled_buffers.h"
 
 namespace sparsity_ext {
 namespace {
@@ -20,27 +15,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at:
   return call.outputs();
 }
 
-// grad_x is freshly allocated and as large as x: first-touch page faults of 4 KB pages
-// cost more than the kernel itself (float32, 64x64x56x56: ~15 of ~19 ms on 2 cores).
-// Asking for transparent huge pages on its 2 MB-aligned interior cuts them 512-fold
-// where THP is in "madvise" mode; it changes nothing where THP is "always" or "never".
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
-
 at::Tensor backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
                         const at::Tensor& grad_entropy, const at::Tensor& grad_perplexity,
                         const at::Tensor& grad_sparsity) {
   BackwardCall call =
       prepare_backward(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity);
   if (call.grad_x.numel() == 0) return call.grad_x;
-  advise_huge_pages(call.grad_x);
+  // Fresh memory as large as x costs more page faults than the kernel costs (see
+  // recycled_buffers.h); the same layout in recycled memory costs none.
+  call.grad_x = empty_recycled_like(call.grad_x);
+  call.params.grad_x = call.grad_x.mutable_data_ptr();
   SPARSITY_EXT_CPU_KERNEL(channel_stats_backward_cpu)(call.params);
   return call.grad_x;
 }
