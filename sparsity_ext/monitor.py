@@ -361,8 +361,11 @@ class SparsityMonitor:
         else:
             self.channel_dims = {name: channel_dim for name in self.layers}
         for name, dim in self.channel_dims.items():
-            if dim is not None and not isinstance(dim, int):
-                raise TypeError(f"channel_dim for {name!r} must be an int or None, got {dim!r}")
+            if dim is not None and (not isinstance(dim, int) or dim == 0):
+                raise ValueError(
+                    f"channel_dim for {name!r} must be None or a non-batch dim (an int other "
+                    f"than 0, e.g. 1 or -1), got {dim!r}"
+                )
         self._backend = _Backend.resolve()
         self._rules = {name: _axes_rule(model, name, m) for name, m in self.layers.items()}
         self.split: str | None = None

@@ -448,6 +448,9 @@ def test_axes_rule_channels_last_tokens_and_ambiguous_outputs():
     assert records["bare"].rows == 2 * 9 and records["mlp.1"].rows == 2 * 12
     with pytest.raises(ValueError, match="not monitored"):
         SparsityMonitor(tokens, channel_dim={"nope": 1})
+    for bad in (0, 1.0):
+        with pytest.raises(ValueError, match="non-batch dim"):
+            SparsityMonitor(tokens, channel_dim=bad)
 
 
 def test_one_position_outputs_are_skipped_and_the_penalty_averages_over_layers_with_rows():
