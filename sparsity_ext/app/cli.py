@@ -47,7 +47,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out=args.out, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, penalty=args.penalty,
         seed=args.seed, device=args.device, train_size=args.train_size, test_size=args.test_size,
-        progress=not args.no_progress,
+        progress=not args.no_progress, optimizer=args.optimizer, label_noise=args.label_noise,
+        penalty_normalize=args.penalty_normalize,
+        early_stop_on_sparsity=args.early_stop_on_sparsity,
     )
     try:
         train(config)
@@ -55,6 +57,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"sparsity-ext train: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .loop import TrainConfig
+    from .study import run_study, study_configs
+
+    base = TrainConfig(
+        dataset=args.dataset, data_dir=args.data_dir, model=args.model, epochs=args.epochs,
+        optimizer=args.optimizer, lr=args.lr, device=args.device, train_size=args.train_size,
+    )  # fmt: skip
+    out = Path(args.out)
+    configs = study_configs(
+        base, out, args.seeds, args.label_noise, args.penalty, args.penalty_normalize
+    )
+    try:
+        run_study(configs, out)
+    except ConfigError as error:
+        print(f"sparsity-ext study: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_study_parser(sub) -> None:
+    from .data import DATASETS
+    from .loop import TrainConfig
+    from .models import MODELS
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "study", help="run a train setting over seeds, noise levels and penalties; tabulate",
+        description="Run `train` for every combination of --label-noise x --penalty x "
+                    "--penalty-normalize (a zero penalty once) x --seeds, one after another, "
+                    "and write study.csv (per run: test-loss minimum, each measure's onset and "
+                    "signed lead, the online signal, test accuracy at each stopping point), "
+                    "study_summary.md and study.png into --out. Finished runs are reused.")
+    p.add_argument("--out", default="runs/study", metavar="DIR", help="(default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED")
+    p.add_argument("--label-noise", type=_share, nargs="+", default=[d.label_noise],
+                   metavar="SHARE")
+    p.add_argument("--penalty", type=_number(float, 0.0, True), nargs="+", default=[0.0],
+                   metavar="WEIGHT")
+    p.add_argument("--penalty-normalize", choices=["softmax", "l1"], nargs="+",
+                   default=[d.penalty_normalize])
+    p.add_argument("--dataset", choices=list(DATASETS), default=d.dataset)
+    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--model", choices=list(MODELS), default=d.model)
+    p.add_argument("--epochs", type=_number(int, 1, True), default=d.epochs)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default=d.optimizer)
+    p.add_argument("--lr", type=_number(float, 0.0, False), default=d.lr)
+    p.add_argument("--train-size", type=_number(int, 1, True), metavar="N")
+    p.add_argument("--device", default=d.device)
+    p.set_defaults(func=_cmd_study)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -85,6 +142,17 @@ def _number(kind: type, minimum: float, inclusive: bool):
     return parse
 
 
+def _share(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def _add_train_parser(sub) -> None:
     from .data import DATASETS
     from .loop import TrainConfig
@@ -110,16 +178,29 @@ def _add_train_parser(sub) -> None:
                    help="(default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                    help="per process (default: %(default)s)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default=defaults.optimizer,
+                   help="SGD with momentum 0.9, or Adam (default: %(default)s)")
     p.add_argument("--lr", type=positive, default=defaults.lr,
-                   help="Adam learning rate (default: %(default)s)")
+                   help="learning rate (default: 0.01 for sgd, 0.001 for adam)")
+    p.add_argument("--label-noise", type=_share, default=defaults.label_noise, metavar="SHARE",
+                   help="share of training labels replaced by a wrong class; the test labels "
+                        "stay clean (default: %(default)s)")
     p.add_argument("--penalty", type=_number(float, 0.0, True), default=defaults.penalty,
                    metavar="WEIGHT", help="add WEIGHT x the mean sparsity of the conv layers to "
                                           "the loss (default: %(default)s)")
+    p.add_argument("--penalty-normalize", choices=["softmax", "l1"],
+                   default=defaults.penalty_normalize,
+                   help="which sparsity the penalty lowers: the paper's softmax one or the "
+                        "scale-invariant L1 one (default: %(default)s)")
+    p.add_argument("--early-stop-on-sparsity", nargs="?", const="sparsity", metavar="MEASURE",
+                   choices=["sparsity", "sparsity_l1"],
+                   help="stop when the online signal of MEASURE (training-split sparsity, "
+                        "no validation data; default measure: sparsity) fires")
     p.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
     p.add_argument("--device", default=defaults.device,
                    help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--train-size", type=positive_int, metavar="N",
-                   help="training images (default: digits 300, cifar10 5000)")
+                   help="training images (default: digits 1000, cifar10 5000)")
     p.add_argument("--test-size", type=positive_int, metavar="N",
                    help="test images (default: digits all the rest, cifar10 2000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -154,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     _add_train_parser(sub)
+    _add_study_parser(sub)
 
     p = sub.add_parser("plot", help="redraw the PNG plots of a `train` run from its files")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a train run")
