@@ -169,12 +169,13 @@ def summarise_study(table: pd.DataFrame) -> str:
     signals = [c.removeprefix("signal_") for c in table if c.startswith("signal_")]
     groups = table.groupby(SETTING_COLUMNS, sort=False, dropna=False)
     head = "| label noise | penalty | seeds | overfit | min epoch | min test loss | final/min |"
+    # Epochs are listed per seed, in seed order; other numbers are mean ± sd over seeds.
     lines = ["### Test loss", "", head, "|---|---|---|---|---|---|---|"]
     for (noise, weight, norm), g in groups:
         pen = f"{weight:g} {norm}" if weight > 0 else "0"
         lines.append(
             f"| {noise:g} | {pen} | {len(g)} | {int(g['overfitting'].sum())}/{len(g)} | "
-            f"{_mean_sd(g['test_loss_min_epoch'], 1)} | {_mean_sd(g['test_loss_min'], 3)} | "
+            f"{_epochs(g['test_loss_min_epoch'])} | {_mean_sd(g['test_loss_min'], 3)} | "
             f"{_mean_sd(g['loss_rise'], 2)} |"
         )
     lines += [
@@ -197,7 +198,7 @@ def summarise_study(table: pd.DataFrame) -> str:
             ]
             cells.append(" ".join(marks))
         lines.append(
-            f"| {noise:g} | {pen} | {_mean_sd(g['learning_phase_end'], 1)} | "
+            f"| {noise:g} | {pen} | {_epochs(g['learning_phase_end'])} | "
             + " | ".join(cells) + " |"
         )  # fmt: skip
     lines += [
