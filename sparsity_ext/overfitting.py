@@ -23,13 +23,14 @@ The rule, with the constants below:
 3. **Onset.** A measure's rise is its *largest* rise: the epochs ``t < p`` of the smoothed
    curve ``s`` that maximise ``s[p] - s[t]`` (``t`` the latest minimum of ``s`` up to
    ``p``). It is a *sustained rise* when (a) it is at least :data:`RISE_SHARE` of the
-   range of ``s`` and at least :data:`MIN_RELATIVE_RISE` of ``max |s|``, and (b) ``s``
-   stays at or above ``s[t] + rise / 2`` for :data:`SUSTAIN_EPOCHS` consecutive epochs
-   after it first gets there. The onset is not ``t`` itself (smoothing moves a kink's
+   range of ``s`` and at least :data:`MIN_RELATIVE_RISE` of ``max |s|``, and (b) between
+   ``t`` and ``p``, ``s`` stays at or above ``s[t] + rise / 2`` for
+   :data:`SUSTAIN_EPOCHS` consecutive epochs. The onset is not ``t`` itself (smoothing moves a kink's
    minimum ``SMOOTHING_EPOCHS // 2`` epochs early, and on a noisy plateau the minimum
-   falls anywhere): it is the breakpoint of the least-squares continuous two-segment
-   line, bending upwards, through the raw curve of the basin (from where ``s`` was last
-   above half the rise before ``t``) up to ``p``; ``t`` if no breakpoint bends upwards.
+   falls anywhere): from the floor's end ``f`` (the last epoch up to ``p`` with ``s``
+   within :data:`FLOOR_SHARE` of the rise above ``s[t]``), it is the breakpoint in
+   ``[f - SMOOTHING_EPOCHS, f]`` of the least-squares continuous two-segment line,
+   bending upwards, through the raw curve around ``f``; ``t`` if none bends upwards.
 4. **Overfitting.** The test-loss minimum is the first epoch with the smallest test loss.
    The run overfits when each of the last :data:`CONFIRM_EPOCHS` epochs has a test loss
    of at least :data:`OVERFIT_RATIO` times that minimum.
@@ -49,6 +50,7 @@ import numpy as np
 
 __all__ = [
     "CONFIRM_EPOCHS",
+    "FLOOR_SHARE",
     "MEASURES",
     "MIN_RELATIVE_RISE",
     "OVERFIT_RATIO",
@@ -74,6 +76,7 @@ STEEP_SHARE = 0.25
 RISE_SHARE = 0.25  # a sustained rise spans at least a quarter of the curve's range ...
 MIN_RELATIVE_RISE = 0.01  # ... and at least 1% of the curve's largest absolute value
 SUSTAIN_EPOCHS = 6  # ... and holds above half its height this long (> the smoothing window)
+FLOOR_SHARE = 0.05  # the rise leaves its floor when the smoothed curve is 5% of the way up
 OVERFIT_RATIO = 1.1  # overfitting: the test loss ends at least 10% above its minimum ...
 CONFIRM_EPOCHS = 3  # ... in each of the last 3 epochs (a one-epoch blip is not a rise)
 
@@ -155,27 +158,30 @@ def sustained_rise(epochs: Sequence[int], values: Sequence[float]) -> Rise | Non
     big_enough = height >= RISE_SHARE * (s.max() - s.min()) and height > 0
     if not (big_enough and height >= MIN_RELATIVE_RISE * np.abs(s).max()):
         return None
-    above = s[trough:] >= s[trough] + height / 2
-    first = int(np.argmax(above))
-    run = np.argmin(np.append(above[first:], False))  # consecutive epochs from there
-    if run < SUSTAIN_EPOCHS:
+    above = s[trough : peak + 1] >= s[trough] + height / 2
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[0, above.astype(int), 0])))[::2]
+    if not len(runs) or runs.max() < SUSTAIN_EPOCHS:  # runs: lengths of the runs above
         return None
     onset = _breakpoint(values, s, trough, peak)
     return Rise(int(epochs[onset]), int(epochs[peak]), float(height))
 
 
 def _breakpoint(values: np.ndarray, s: np.ndarray, trough: int, peak: int) -> int:
-    """Index where the rise starts: the breakpoint of the least-squares continuous
-    two-segment line, steeper after than before, through the raw values of the basin
-    (from the last epoch before ``trough`` at which the smoothed curve ``s`` was above
-    half the rise's height, or the first epoch) up to ``peak``; ``trough`` if no
-    breakpoint bends upwards (a rise that starts at the basin's edge)."""
-    half_up = np.nonzero(s[:trough] >= s[trough] + (s[peak] - s[trough]) / 2)[0]
-    start = int(half_up[-1]) if len(half_up) else 0
-    x = np.arange(start, peak + 1, dtype=float)
-    y = values[start : peak + 1]
+    """Index where the rise starts (module doc, step 3): near the floor's end ``f`` (the
+    last index up to ``peak`` with ``s`` within :data:`FLOOR_SHARE` of the rise above the
+    minimum), the breakpoint in ``[f - SMOOTHING_EPOCHS, f]`` of the least-squares
+    continuous two-segment line that bends upwards, fitted to the raw values within
+    ``3 * SMOOTHING_EPOCHS`` of ``f`` (and after the smoothed curve was last above half
+    the rise before ``trough``); ``trough`` if no breakpoint bends upwards."""
+    height = s[peak] - s[trough]
+    floor = trough + int(np.nonzero(s[trough : peak + 1] <= s[trough] + FLOOR_SHARE * height)[0][-1])
+    half_up = np.nonzero(s[:trough] >= s[trough] + height / 2)[0]
+    lo = max(int(half_up[-1]) if len(half_up) else 0, floor - 3 * SMOOTHING_EPOCHS)
+    hi = min(peak, floor + 3 * SMOOTHING_EPOCHS)
+    x = np.arange(lo, hi + 1, dtype=float)
+    y = values[lo : hi + 1]
     best, best_sse = trough, math.inf
-    for k in range(start + 1, peak):
+    for k in range(max(lo + 1, floor - SMOOTHING_EPOCHS), min(floor, hi - 1) + 1):
         design = np.stack([np.ones_like(x), np.minimum(x - k, 0), np.maximum(x - k, 0)], 1)
         coef, *_ = np.linalg.lstsq(design, y, rcond=None)
         sse = float(np.sum((design @ coef - y) ** 2))
