@@ -101,7 +101,9 @@ class SparsityEarlyStopping:
         ]
         return sum(values) / len(values) if values else math.nan
 
-    def update(self, epoch: int, records: float | Iterable, train_loss: float | None = None) -> bool:
+    def update(
+        self, epoch: int, records: float | Iterable, train_loss: float | None = None
+    ) -> bool:
         """Feed one epoch: its records (or the curve's value itself) and, optionally, the
         epoch's training loss. Returns True exactly at the epoch the signal fires."""
         value = float(records) if isinstance(records, (int, float)) else self.value_of(records)

@@ -25,10 +25,10 @@ The rule, with the constants below:
    ``p``). It is a *sustained rise* when (a) it is at least :data:`RISE_SHARE` of the
    range of ``s`` and at least :data:`MIN_RELATIVE_RISE` of ``max |s|``, and (b) between
    ``t`` and ``p``, ``s`` stays at or above ``s[t] + rise / 2`` for
-   :data:`SUSTAIN_EPOCHS` consecutive epochs. The onset is not ``t`` itself (smoothing moves a kink's
-   minimum ``SMOOTHING_EPOCHS // 2`` epochs early, and on a noisy plateau the minimum
-   falls anywhere): from the floor's end ``f`` (the last epoch up to ``p`` with ``s``
-   within :data:`FLOOR_SHARE` of the rise above ``s[t]``), it is the breakpoint in
+   :data:`SUSTAIN_EPOCHS` consecutive epochs. The onset is not ``t`` itself (smoothing
+   moves a kink's minimum ``SMOOTHING_EPOCHS // 2`` epochs early, and on a noisy plateau
+   the minimum falls anywhere): from the floor's end ``f`` (the last epoch up to ``p``
+   with ``s`` within :data:`FLOOR_SHARE` of the rise above ``s[t]``), the breakpoint in
    ``[f - SMOOTHING_EPOCHS, f]`` of the least-squares continuous two-segment line,
    bending upwards, through the raw curve around ``f``; ``t`` if none bends upwards.
 4. **Overfitting.** The test-loss minimum is the first epoch with the smallest test loss.
@@ -174,7 +174,8 @@ def _breakpoint(values: np.ndarray, s: np.ndarray, trough: int, peak: int) -> in
     ``3 * SMOOTHING_EPOCHS`` of ``f`` (and after the smoothed curve was last above half
     the rise before ``trough``); ``trough`` if no breakpoint bends upwards."""
     height = s[peak] - s[trough]
-    floor = trough + int(np.nonzero(s[trough : peak + 1] <= s[trough] + FLOOR_SHARE * height)[0][-1])
+    near_floor = s[trough : peak + 1] <= s[trough] + FLOOR_SHARE * height
+    floor = trough + int(np.nonzero(near_floor)[0][-1])
     half_up = np.nonzero(s[:trough] >= s[trough] + height / 2)[0]
     lo = max(int(half_up[-1]) if len(half_up) else 0, floor - 3 * SMOOTHING_EPOCHS)
     hi = min(peak, floor + 3 * SMOOTHING_EPOCHS)
