@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# What a lent GPU machine should run (device tool; see its METHOD.md), in two calls that
-# together fit a 15-minute lease, the machine's start included. From the repository root:
+# The checks to run on a machine with an NVIDIA GPU, which CI (CPU only) cannot do. They
+# come in two parts that each fit a short GPU session (about 15 minutes for both, the
+# machine's start-up included). From the repository root:
 #
 #   bash bench/gpu_check.sh check   # build for this card, CUDA tests, memcheck, 2^31 cases (<= 7.5 min)
 #   bash bench/gpu_check.sh bench   # the CUDA table, saved as $OUT/<device>-<date>.md (<= 5 min)
 #
-# (no argument: both, for a machine without a lease). Each step runs under `timeout` with
+# (no argument: both, one after the other). Each step runs under `timeout` with
 # its own budget in seconds (override with the variables below), so a call always returns
 # with every log under $OUT, and the last lines printed say what passed and what ran out.
 set -uo pipefail

@@ -1,9 +1,20 @@
 """Finding, building and loading the compiled operator.
 
 The extension is looked for in this order: a module built ahead of time by setup.py
-(``sparsity_ext._C``), then a just-in-time build with ``torch.utils.cpp_extension.load``
-cached under :func:`cache_root`. If both fail, one warning carries the compiler's first
-error and the pure-PyTorch reference takes over; ``python -m sparsity_ext info`` shows it.
+(``sparsity_ext._C``), then a just-in-time build cached under :func:`cache_root`. If both
+fail, one warning carries the compiler's first error and the pure-PyTorch reference takes
+over; ``python -m sparsity_ext info`` shows it.
+
+The cache cannot crash the process that reads it. A build runs in a child process
+(``torch.utils.cpp_extension.load``) into a staging folder, under a lock per build; the
+child loads the new library once, then its size and sha256 are recorded next to it and the
+folder is renamed into place in one step. A library is loaded only once it matches its
+record: a partial or damaged one (a full disk, a killed build, a truncated copy) is rebuilt,
+where loading it would kill the process with SIGBUS.
+
+CPU kernels come in one build per CPU capability (``csrc/cpu/cpu_capability.h``): ahead of
+time DEFAULT, AVX2 and AVX512, chosen at run time as ATen chooses its own; just in time the
+capability of this process only (``ATEN_CPU_CAPABILITY`` lowers it, and gets its own build).
 
 Environment: ``SPARSITY_EXT_CACHE`` (cache folder), ``SPARSITY_EXT_NO_EXTENSION=1`` (use the
 reference only), ``CUDA_HOME`` (the CUDA toolkit; without it CUDA kernels are not built).
@@ -11,14 +22,20 @@ reference only), ``CUDA_HOME`` (the CUDA toolkit; without it CUDA kernels are no
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -32,7 +49,17 @@ _STANDARD_CUDA_HOME = Path("/usr/local/cuda")
 if (torch.version.cuda is not None and "CUDA_HOME" not in os.environ
         and "CUDA_PATH" not in os.environ and (_STANDARD_CUDA_HOME / "bin" / "nvcc").exists()):
     os.environ["CUDA_HOME"] = str(_STANDARD_CUDA_HOME)
-CPU_SOURCES = ("ops.cpp", "launch.cpp", "cpu/channel_stats_cpu.cpp", "cpu/register_cpu.cpp")
+# C++ sources compiled once per build.
+CPU_SOURCES = ("ops.cpp", "host_prepare.cpp", "cpu/cpu_capability.cpp", "cpu/register_cpu.cpp")
+# CPU kernel files, compiled once per CPU capability: list each once, write it as
+# csrc/cpu/cpu_capability.h says (CPU_CAPABILITY namespace, everything else anonymous).
+CPU_KERNEL_SOURCES = ("cpu/channel_stats_cpu.cpp",)
+# at::vec's x86 vector units and their compiler flags, as ATen builds its own kernels.
+CPU_CAPABILITY_FLAGS = {
+    "DEFAULT": (),
+    "AVX2": ("-mavx2", "-mfma", "-mf16c"),
+    "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"),
+}
 CUDA_SOURCES = ("cuda/channel_stats_cuda.cu", "cuda/register_cuda.cpp")
 # Ahead-of-time CUDA builds, and `build --cuda` on a machine without a GPU.
 PORTABLE_CUDA_ARCHS = ("8.0", "9.0+PTX")
@@ -48,11 +75,12 @@ class Status:
     library: str | None = None
     error: str | None = None
     built: bool = False
+    cpu_kernels: str | None = None  # the CPU kernel build in use, e.g. "AVX2 of DEFAULT, AVX2"
 
     def describe(self) -> str:
         if self.loaded:
             return (f"sparsity_ext: compiled operator loaded ({self.origin}) from {self.library}; "
-                    f"kernels for: {', '.join(self.devices)}")
+                    f"kernels for: {', '.join(self.devices)}; CPU kernels: {self.cpu_kernels}")
         return f"sparsity_ext: compiled operator unavailable, using the reference ({self.error})"
 
 
@@ -76,20 +104,30 @@ def cache_root() -> Path:
     return base / "sparsity_ext"
 
 
-def cpu_capability_flags() -> list[str]:
-    """Compile at::vec for the host's vector unit; without these it falls back to scalar code."""
+def host_cpu_capability() -> str:
+    """ATen's CPU capability in this process (the CPU's, lowered by ``ATEN_CPU_CAPABILITY``):
+    the one build a just-in-time build makes. DEFAULT where it names no x86 vector unit."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability == "AVX512":
-        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
-                "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
-    if capability == "AVX2":
-        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
-    return ["-DCPU_CAPABILITY=DEFAULT"]
+    return capability if capability in CPU_CAPABILITY_FLAGS else "DEFAULT"
 
 
-def cxx_flags() -> list[str]:
+def kernel_cxx_flags(capability: str) -> list[str]:
+    """Extra flags of one build of the CPU kernel files. Without the capability (and matching
+    -m flags) at::vec compiles to its scalar fallback, about 10x slower."""
+    return [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
+            *CPU_CAPABILITY_FLAGS[capability]]
+
+
+def cxx_flags(capabilities: tuple[str, ...]) -> list[str]:
+    """Flags of every C++ source of a build that links the CPU kernels of ``capabilities``."""
     # -fopenmp: without it at::parallel_for silently runs on one thread.
-    return ["-O3", "-fopenmp", *cpu_capability_flags()]
+    return ["-O3", "-fopenmp", *(f"-DSPARSITY_EXT_CPU_KERNELS_{c}" for c in capabilities)]
+
+
+def jit_cxx_flags() -> list[str]:
+    """A just-in-time build compiles every source at once for this process's capability."""
+    capability = host_cpu_capability()
+    return cxx_flags((capability,)) + kernel_cxx_flags(capability)
 
 
 def ld_flags() -> list[str]:
@@ -130,9 +168,11 @@ def cuda_home() -> str | None:
     return None
 
 
-def sources(with_cuda: bool) -> list[str]:
+def sources(with_cuda: bool, kernels: bool = True) -> list[str]:
+    """Paths of the sources; ``kernels=False`` leaves out the per-capability CPU kernels."""
     root = csrc_dir()
-    names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
+    names = CPU_SOURCES + (CPU_KERNEL_SOURCES if kernels else ()) + (
+        CUDA_SOURCES if with_cuda else ())
     return [str(root / name) for name in names]
 
 
@@ -147,12 +187,13 @@ def _build_name(with_cuda: bool, archs: tuple[str, ...]) -> str:
     """A name that changes with anything that changes the binary, so caches never go stale."""
     digest = hashlib.sha256()
     root = csrc_dir()
-    folders = {Path(name).parent for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())}
+    folders = {Path(name).parent
+               for name in CPU_SOURCES + CPU_KERNEL_SOURCES + (CUDA_SOURCES if with_cuda else ())}
     headers = [p for folder in folders for p in (root / folder).glob("*.h*")]
     for path in sorted({*map(Path, sources(with_cuda)), *headers}):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
-    digest.update(" ".join(cxx_flags() + ld_flags()).encode())
+    digest.update(" ".join(jit_cxx_flags() + ld_flags()).encode())
     digest.update(torch.__version__.encode())
     if with_cuda:
         digest.update(" ".join(cuda_flags(archs)).encode())
@@ -176,11 +217,19 @@ def _has_kernel(device_type: str) -> bool:
 
 
 def _loaded_status(origin: str, library: str, built: bool = False) -> Status:
-    from . import ops
-
-    ops.register_fake_kernels()
     devices = tuple(d for d in ("cpu", "cuda") if _has_kernel(d))
     return Status(loaded=True, origin=origin, devices=devices, library=library, built=built)
+
+
+def _cpu_kernels(library: str) -> str | None:
+    """Which CPU kernel build the library runs here (it is already loaded: ctypes only
+    finds it again); None for a library without the query."""
+    try:
+        query = ctypes.CDLL(library).sparsity_ext_cpu_kernels
+    except (OSError, AttributeError):
+        return None
+    query.restype = ctypes.c_char_p
+    return query().decode()
 
 
 def _load_ahead_of_time() -> Status | None:
@@ -193,11 +242,96 @@ def _load_ahead_of_time() -> Status | None:
         warnings.warn(f"sparsity_ext: ignoring the ahead-of-time build ({error})",
                       RuntimeWarning, stacklevel=4)
         return None
-    return _loaded_status("ahead-of-time", module.__file__)
+    status = _loaded_status("ahead-of-time", module.__file__)
+    status.cpu_kernels = _cpu_kernels(module.__file__)
+    return status
+
+
+# What a first build costs, measured (the message says so before the wait starts).
+BUILD_TIME_NOTE = "about a minute of 2 CPU cores, once per machine"
+
+
+def _record_path(library: Path) -> Path:
+    return library.with_name(library.name + ".json")
+
+
+def _write_record(library: Path) -> None:
+    """Record the library's size and sha256 next to it, for :func:`_damage`."""
+    data = library.read_bytes()
+    record = {"file": library.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    _record_path(library).write_text(json.dumps(record))
+
+
+def _damage(library: Path) -> str | None:
+    """Why the cached library must not be loaded (missing, no record, cut short, altered),
+    or None when it is the one its build recorded."""
+    record_path = _record_path(library)
+    if not library.exists():
+        return None if not record_path.parent.exists() else "the library is missing"
+    try:
+        record = json.loads(record_path.read_text())
+        size, digest = int(record["size"]), str(record["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "it has no valid size-and-hash record (an interrupted or older build)"
+    actual = library.stat().st_size
+    if actual != size:
+        return f"it is {actual} bytes where its build wrote {size}"
+    if hashlib.sha256(library.read_bytes()).hexdigest() != digest:
+        return "its sha256 differs from its build's"
+    return None
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """One process at a time checks, builds and publishes a build; the lock goes with the
+    process that holds it, so a killed build never blocks the next one."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, staging and the atomic rename still apply
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Run in a child: build into the staging folder and load the result once there, so a
+# compiler crash or a library that cannot load never takes the user's process with it.
+_BUILD_IN_CHILD = (
+    "import json, sys\n"
+    "from torch.utils import cpp_extension\n"
+    "cpp_extension.load(**json.loads(sys.argv[1]))\n"
+)
+
+
+def _build_and_publish(name: str, folder: Path, options: dict, verbose: bool) -> str | None:
+    """Build library ``name`` into a staging folder, record it and rename the folder to
+    ``folder`` (which must not exist). Returns the first error, or None."""
+    staging = Path(tempfile.mkdtemp(prefix=f"{name}.staging-", dir=folder.parent))
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", _BUILD_IN_CHILD,
+             json.dumps({**options, "name": name, "build_directory": str(staging),
+                         "is_python_module": False, "verbose": verbose})],
+            capture_output=True, text=True)
+        output = child.stdout + child.stderr
+        if verbose:
+            print(output, file=sys.stderr, end="", flush=True)
+        if child.returncode < 0:
+            return f"the new library killed the process that loaded it (signal {-child.returncode})"
+        if child.returncode != 0:
+            return _first_compiler_error(output)
+        _write_record(staging / f"{name}.so")
+        staging.rename(folder)  # atomic: other processes see no folder or a complete one
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return None
 
 
 def _load_jit(with_cuda: bool | None, verbose: bool) -> Status:
-    cpp_extension = _cpp_extension()
     if with_cuda is None:
         with_cuda = torch.cuda.is_available() and cuda_home() is not None
     elif with_cuda and cuda_home() is None:
@@ -205,29 +339,33 @@ def _load_jit(with_cuda: bool | None, verbose: bool) -> Status:
                       "folder holding bin/nvcc (and use a CUDA build of PyTorch)")
     archs = _jit_archs() if with_cuda else ()
     name = _build_name(with_cuda, archs)
-    build_dir = cache_root() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    library = build_dir / f"{name}.so"
-    fresh = not library.exists()
-    if fresh:
-        what = "C++ and CUDA" if with_cuda else "C++"
-        print(f"sparsity_ext: compiling the {what} extension into {build_dir} "
-              f"(first use; a minute or more)...", file=sys.stderr, flush=True)
-    try:
-        cpp_extension.load(
-            name=name,
-            sources=sources(with_cuda),
-            extra_cflags=cxx_flags(),
-            extra_cuda_cflags=cuda_flags(archs) if with_cuda else None,
-            extra_ldflags=ld_flags(),
-            build_directory=str(build_dir),
-            with_cuda=with_cuda,
-            is_python_module=False,
-            verbose=verbose,
-        )
-    except Exception as error:  # a compiler or loader failure: fall back, say why once
-        return Status(error=_first_compiler_error(str(error)))
-    return _loaded_status("jit", str(library), built=fresh)
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / name
+    library = folder / f"{name}.so"
+    built = False
+    with _build_lock(root / f"{name}.lock"):
+        damage = _damage(library)
+        if damage is not None or not library.exists():
+            what = "C++ and CUDA" if with_cuda else "C++"
+            why = f"the cached build is unusable: {damage}; " if damage else "first use; "
+            print(f"sparsity_ext: compiling the {what} extension into {folder} "
+                  f"({why}{BUILD_TIME_NOTE})...", file=sys.stderr, flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
+            error = _build_and_publish(name, folder, {
+                "sources": sources(with_cuda),
+                "extra_cflags": jit_cxx_flags(),
+                "extra_cuda_cflags": cuda_flags(archs) if with_cuda else None,
+                "extra_ldflags": ld_flags(),
+                "with_cuda": with_cuda,
+            }, verbose)
+            if error is not None:
+                return Status(error=error)
+            built = True
+    torch.ops.load_library(str(library))
+    status = _loaded_status("jit", str(library), built=built)
+    status.cpu_kernels = _cpu_kernels(str(library))
+    return status
 
 
 def _disabled() -> bool:
@@ -281,6 +419,7 @@ def info() -> str:
         f"CUDA toolkit     {cuda_home() or 'not found (set CUDA_HOME)'}",
         f"GPU              {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
         f"CPU capability   {torch.backends.cpu.get_cpu_capability()}",
+        f"CPU kernels      {status.cpu_kernels or '-'}",
         f"extension        {'loaded (' + status.origin + ')' if status.loaded else 'not loaded'}",
         f"compiled kernels {', '.join(status.devices) or 'none (reference only)'}",
         f"library          {status.library or '-'}",

@@ -1,33 +1,68 @@
 """Layer-wise sparsity monitor and the differentiable sparsity penalty.
 
 :class:`SparsityMonitor` puts forward hooks on chosen modules of a model. Every hooked
-output ``a`` of shape ``(N, C, *S)`` goes through the fused
-:func:`sparsity_ext.channel_stats`; the monitor adds up the ``N * C`` per-row sparsity
-and entropy values per (split, layer) on the activation's device (no host sync per
-batch) and, at :meth:`SparsityMonitor.end_epoch`, turns the sums into one
-:class:`SparsityRecord` per (epoch, split, layer): the mean over every sample and
-channel seen in that epoch. Under ``torch.distributed`` the sums and row counts are
-all-reduced before dividing, so the means are exact over all ranks' samples.
+output, seen as ``(N, C, *S)`` with ``L = prod(S)`` positions (see *Axes* below), is read
+by the fused ops and the monitor adds, per (split, layer call), a handful of row sums into
+one persistent buffer on the activation's device: no Python lists growing per batch, no
+host sync per batch. At :meth:`SparsityMonitor.end_epoch` the buffers become one
+:class:`SparsityRecord` per (epoch, split, layer call): means over every sample and
+channel seen in that epoch. Under ``torch.distributed`` the sums are all-reduced before
+dividing, so the means are exact over all ranks' samples.
 
-Per batch and layer the hook costs the op and two reductions that stay on the device;
-the host sees the numbers once per epoch.
+Columns of a record (one pass per measure over each hooked output):
 
-:class:`SparsityPenalty` reuses the same hooks: with a penalty attached, a hooked
-output that requires grad is measured *with* autograd, the penalty keeps the graph-
-connected layer means of the latest forward pass, and the monitor accumulates the very
-same values detached, so the op runs once per layer and batch either way.
+- ``sparsity``, ``entropy``: the paper's softmax measure, mean over all rows.
+- ``sparsity_l1``, ``entropy_l1``: the scale-invariant L1 measure (``p = a / sum a`` with
+  ``a = max(x, 0)``), mean over *live* rows only (rows with a positive value).
+- ``zero_fraction``: share of activation values ``<= 0``.
+- ``dead_fraction``: share of rows with no positive value.
+- ``mean_activation``: mean of the activation values.
+- ``rows``: the number of (sample, channel) rows.
+
+Per-row values are float32 (float64 for float64 activations) before they are summed, also
+for float16/bfloat16 activations.
+
+Axes. A hooked output is measured as ``(N, C, *S)`` with the channel dim chosen by this
+rule (``channel_dim`` overrides it, per monitor or per layer):
+
+1. fewer than 3 dims, not floating point, not a tensor (e.g. a tuple), or one position
+   (``L == 1``: squeeze-excitation, global pooling): skipped, no rows;
+2. the output of a convolution module: channels at dim 1;
+3. a module whose parent module also holds an ``nn.Linear`` with ``out_features`` equal to
+   the output's last dim (and no convolution with ``out_channels`` equal to dim 1):
+   channels last (ConvNeXt's ``(N, H, W, 4C)`` GELU, a transformer MLP's ``(N, T, D)``:
+   rows are (sample, feature), positions are the pixels or tokens);
+4. otherwise 4-D and larger outputs are channels first (``(N, C, H, W)``), and 3-D outputs
+   are ambiguous (``(N, C, L)`` or ``(N, T, D)``): skipped with one warning that names the
+   layer and the ``channel_dim`` to pass.
+
+Calls. A module called ``k`` times in one forward pass of the model gives ``k`` records:
+its ``j``-th call (from 0) is named ``f"{name}#{j}"``; a module only ever seen called once
+per pass keeps its plain ``name``. Calls are counted from the start and from the end of
+each forward pass of the model, so a submodule called alone between passes starts at 0.
+
+Hooks that fire while autograd runs a backward pass (the recomputation of
+``torch.utils.checkpoint``) are ignored: those rows were counted in the forward pass.
+
+:class:`SparsityPenalty` reuses the same hooks: with a penalty attached, a hooked output
+that requires grad is measured *with* autograd, and the penalty keeps the graph-connected
+per-call means of the latest forward pass.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
-from . import distributed, ops, reference
+from . import _extension, distributed, ops, reference
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -36,6 +71,7 @@ __all__ = [
     "SparsityPenalty",
     "SparsityRecord",
     "default_layers",
+    "l1_stats_forward",
 ]
 
 # Modules whose outputs are "the output of a convolution block's activation".
@@ -60,17 +96,142 @@ ACTIVATION_TYPES = (
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 LayerSpec = Union[None, Iterable[Union[str, nn.Module]], Mapping[str, nn.Module]]
+ChannelDim = Union[None, int, Mapping[str, Optional[int]]]
+NORMALIZATIONS = ("softmax", "l1")
 
 
 class SparsityRecord(NamedTuple):
-    """One epoch's mean over every (sample, channel) row a layer produced in one split."""
+    """One epoch's means over every (sample, channel) row one layer call produced in one
+    split (see the module doc for each column)."""
 
     epoch: int
     split: str
     layer: str
     sparsity: float
     entropy: float
+    sparsity_l1: float
+    entropy_l1: float
+    zero_fraction: float
+    dead_fraction: float
+    mean_activation: float
     rows: int
+
+
+# ---------------------------------------------------------------------------------------
+# STAND-IN for the fused native op torch.ops.sparsity_ext.l1_stats_forward (written in
+# another branch). Same contract; `_Backend.l1_stats` uses the native op once it is registered.
+def l1_stats_forward(x: torch.Tensor):
+    """L1-normalised entropy, perplexity and sparsity of every row, plus row statistics.
+
+    For ``x`` ``(N, C, *S)``, each row flattened to ``L`` values, ``a = max(x, 0)``::
+
+        S = sum a,   T = sum a log a  (0 log 0 = 0),   H = log S - T / S,
+        PP = exp(H),   SP = (L - PP) / (L - 1)   (0 when L == 1)
+
+    A dead row (``S == 0``) has ``H = log L``, ``PP = L``, ``SP = 0``.
+
+    Returns ``(entropy, perplexity, sparsity, row_stats)``: the first three ``(N, C)`` in
+    x's dtype; ``row_stats`` ``(4, N, C)`` in float32 (float64 for float64 x) holding
+    ``[S, T / S (0 for a dead row), count of x <= 0, sum of x]``. Differentiable with the
+    ReLU convention: zero gradient where ``x <= 0``, never NaN.
+    """
+    reference.check_input(x)
+    acc = reference.accumulation_dtype(x.dtype)
+    rows = x.flatten(2).to(acc)
+    length = rows.shape[-1]
+    a = rows.clamp_min(0)
+    s = a.sum(-1)
+    dead = s == 0
+    if torch.is_grad_enabled() and x.requires_grad:
+        # log of 1 where a == 0: a * log(a) is 0 there, and so is its gradient (not 0 * inf).
+        t = (a * torch.where(a > 0, a, torch.ones_like(a)).log()).sum(-1)
+    else:
+        # 0 log 0 = 0 without taking log(0): the CPU log's -inf path is ~30x slower.
+        t = (a * a.clamp_min(torch.finfo(acc).tiny).log()).sum(-1)
+    s_safe = torch.where(dead, torch.ones_like(s), s)
+    t_over_s = torch.where(dead, torch.zeros_like(s), t / s_safe)
+    entropy = torch.where(dead, torch.full_like(s, math.log(length)), s_safe.log() - t_over_s)
+    perplexity = torch.where(dead, torch.full_like(s, length), entropy.exp())  # exact L, SP 0
+    sparsity = (length - perplexity) / (length - 1) if length > 1 else perplexity * 0
+    zeros = length - a.sign().sum(-1)  # count of x <= 0; a.sign() is 1 where x > 0
+    row_stats = torch.stack([s, t_over_s, zeros, rows.sum(-1)])
+    return entropy.to(x.dtype), perplexity.to(x.dtype), sparsity.to(x.dtype), row_stats
+# END STAND-IN
+# ---------------------------------------------------------------------------------------
+
+
+class _Backend(NamedTuple):
+    """Which native kernels serve the monitor, resolved once (outside any compiled graph:
+    the extension loader takes a lock, which torch.compile cannot trace)."""
+
+    kernel_devices: frozenset  # device types with the fused channel_stats kernels
+    native_l1: bool  # torch.ops.sparsity_ext.l1_stats_forward is registered
+    l1_graph_impl: object  # differentiable L1 stats for the penalty
+
+    @staticmethod
+    def resolve() -> _Backend:
+        status = _extension.load()
+        native_l1 = status.loaded and hasattr(torch.ops.sparsity_ext, "l1_stats_forward")
+        l1_graph_impl = None
+        for impl in (ops.channel_stats, reference.channel_stats):
+            if "normalize" in inspect.signature(impl).parameters:
+                l1_graph_impl = functools.partial(impl, normalize="l1")
+                break
+        if l1_graph_impl is None:  # until the fused L1 op lands: the differentiable stand-in
+            l1_graph_impl = _stand_in_l1_channel_stats
+        return _Backend(frozenset(status.devices), native_l1, l1_graph_impl)
+
+    def l1_stats(self, x: torch.Tensor):
+        """``l1_stats_forward``'s contract, through the native op when it is registered."""
+        if self.native_l1 and x.device.type in self.kernel_devices:
+            return torch.ops.sparsity_ext.l1_stats_forward(x)
+        return l1_stats_forward(x)
+
+    def graph_stats(self, x: torch.Tensor, normalize: str) -> reference.ChannelStats:
+        """Graph-connected per-row stats of ``normalize``, for the penalty."""
+        if normalize == "l1":
+            return self.l1_graph_impl(x)
+        if x.device.type in self.kernel_devices:
+            return reference.ChannelStats(*ops.ChannelStatsFunction.apply(x))
+        return reference.channel_stats(x)
+
+    def softmax_rows(self, x: torch.Tensor):
+        """(entropy, sparsity) of every row, each ``(N, C)`` in the accumulation dtype."""
+        acc = reference.accumulation_dtype(x.dtype)
+        if x.device.type not in self.kernel_devices:
+            stats = reference.channel_stats(x.to(acc))
+            return stats.entropy, stats.sparsity
+        entropy, _, sparsity, row_stats = torch.ops.sparsity_ext.channel_stats_forward(x)
+        if x.dtype == acc:
+            return entropy, sparsity
+        # 16-bit x: rebuild the float32 values from the row statistics (max, log_sum,
+        # mean_shift) rather than average values rounded to x's dtype.
+        entropy = row_stats[1] - row_stats[2]
+        return entropy, _sparsity_from_entropy(entropy, x.shape[2:].numel())
+
+    def l1_rows(self, x: torch.Tensor):
+        """(entropy, sparsity, S, count of x <= 0, sum of x) per row, accumulation dtype."""
+        entropy, _, sparsity, row_stats = self.l1_stats(x)
+        if x.dtype != row_stats.dtype:
+            s, t_over_s = row_stats[0], row_stats[1]
+            entropy = torch.where(s == 0, math.log(x.shape[2:].numel()), s.log() - t_over_s)
+            sparsity = _sparsity_from_entropy(entropy, x.shape[2:].numel())
+        return entropy, sparsity, row_stats[0], row_stats[2], row_stats[3]
+
+
+def _stand_in_l1_channel_stats(x: torch.Tensor) -> reference.ChannelStats:
+    return reference.ChannelStats(*l1_stats_forward(x)[:3])
+
+
+def _sparsity_from_entropy(entropy: torch.Tensor, length: int) -> torch.Tensor:
+    if length == 1:
+        return entropy * 0
+    return (length - entropy.exp()) / (length - 1)
+
+
+# Columns of the per-(split, layer call) buffer.
+_SPARSITY, _ENTROPY, _SPARSITY_L1, _ENTROPY_L1, _LIVE, _ZEROS, _SUM, _ROWS, _VALUES = range(9)
+_COLUMNS = 9
 
 
 def default_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -78,15 +239,25 @@ def default_layers(model: nn.Module) -> dict[str, nn.Module]:
 
     Rule: every activation module (:data:`ACTIVATION_TYPES`) of the model; if the model
     has none (its activations are functional calls), every convolution module
-    (:data:`CONV_TYPES`) instead. Fully connected outputs have no spatial dimension,
-    shape ``(N, F)``: the monitor skips any hooked output with fewer than 3 dims, so an
-    activation after a linear layer is hooked but never recorded.
+    (:data:`CONV_TYPES`) instead. Outputs with no positions to measure (fully connected
+    ``(N, F)``, squeeze-excitation ``(N, C, 1, 1)``) are hooked but never recorded.
     """
     for kinds in (ACTIVATION_TYPES, CONV_TYPES):
         found = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
         if found:
             return found
     return {}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / FSDP-style ``.module`` and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model
 
 
 def _resolve_layers(model: nn.Module, layers: LayerSpec) -> dict[str, nn.Module]:
@@ -116,14 +287,46 @@ def _resolve_layers(model: nn.Module, layers: LayerSpec) -> dict[str, nn.Module]
     return chosen
 
 
+class _AxesRule(NamedTuple):
+    """What the default axes rule knows about one hooked module (see the module doc)."""
+
+    is_conv: bool
+    conv_channels: frozenset  # out_channels of convolutions beside it
+    linear_features: frozenset  # out_features of nn.Linear beside it
+
+
+def _axes_rule(model: nn.Module, name: str, module: nn.Module) -> _AxesRule:
+    parent_name = name.rpartition(".")[0]
+    parent = dict(model.named_modules()).get(parent_name) if name else None
+    siblings = list(parent.children()) if parent is not None else []
+    return _AxesRule(
+        isinstance(module, CONV_TYPES),
+        frozenset(m.out_channels for m in siblings if isinstance(m, CONV_TYPES)),
+        frozenset(m.out_features for m in siblings if isinstance(m, nn.Linear)),
+    )
+
+
+class _LayerHook:
+    """The forward hook of one monitored module: a picklable object, not a closure."""
+
+    def __init__(self, monitor: SparsityMonitor, name: str):
+        self.monitor = monitor
+        self.name = name
+
+    def __call__(self, module, inputs, output) -> None:
+        self.monitor._observe(self.name, output)
+
+
 class SparsityMonitor:
-    """Per-layer mean sparsity and entropy of a model's activations, per epoch and split.
+    """Per-layer sparsity columns of a model's activations, per epoch and split.
 
     Args:
-        model: the network (a ``DistributedDataParallel`` wrapper is unwrapped).
+        model: the network; ``DistributedDataParallel`` and ``torch.compile`` wrappers are
+            unwrapped (the hooks go on the user's module, and the compiled graph traces them).
         layers: ``None`` for :func:`default_layers`, or module names / submodules, or a
-            ``{name: module}`` mapping. Each hooked output of shape ``(N, C, *S)`` counts
-            ``N * C`` rows; outputs with fewer than 3 dims or not floating point are skipped.
+            ``{name: module}`` mapping.
+        channel_dim: ``None`` for the default axes rule (module doc), an int for every
+            layer (``1`` channels first, ``-1`` channels last), or ``{layer: int | None}``.
 
     The split of a batch is :attr:`split` if set, else ``"train"`` while the model is in
     training mode and ``"test"`` in eval mode. Use it in any loop::
@@ -135,35 +338,61 @@ class SparsityMonitor:
                 records = monitor.end_epoch(epoch)
 
     All ranks of a process group must call :meth:`end_epoch` together (it all-reduces).
+    A ``copy.deepcopy`` of the model (a teacher, an EMA copy) gets its own monitor copy:
+    its forwards never touch this monitor. Monitor and model pickle (``torch.save``).
     """
 
-    def __init__(self, model: nn.Module, layers: LayerSpec = None):
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
+    def __init__(self, model: nn.Module, layers: LayerSpec = None, channel_dim: ChannelDim = None):
+        model = unwrap_model(model)
         self.model = model
+        self.explicit_layers = layers is not None
         self.layers = _resolve_layers(model, layers)
+        if isinstance(channel_dim, Mapping):
+            unknown = set(channel_dim) - set(self.layers)
+            if unknown:
+                raise ValueError(f"channel_dim names layers that are not monitored: {sorted(unknown)}")
+            self.channel_dims = {name: channel_dim.get(name) for name in self.layers}
+        else:
+            self.channel_dims = {name: channel_dim for name in self.layers}
+        for name, dim in self.channel_dims.items():
+            if dim is not None and not isinstance(dim, int):
+                raise TypeError(f"channel_dim for {name!r} must be an int or None, got {dim!r}")
+        self._backend = _Backend.resolve()
+        self._rules = {name: _axes_rule(model, name, m) for name, m in self.layers.items()}
         self.split: str | None = None
         self.enabled = True
         self.history: list[SparsityRecord] = []
-        # Set by SparsityPenalty: measure with autograd when the output requires grad.
-        self.differentiable = False
+        # Set by SparsityPenalty: the measure to keep graph-connected ("softmax" or "l1").
+        self.graph_measure: str | None = None
         self._layer_index = {name: i for i, name in enumerate(self.layers)}
-        self._sums: dict[str, list[list[torch.Tensor]]] = {}  # split -> layer -> batch sums
-        self._rows: dict[str, list[int]] = {}  # split -> rows per layer
-        self._graph_means: dict[str, list[torch.Tensor]] = {}  # latest forward, with grad
-        self._capture: dict[str, torch.Tensor] | None = None
+        self._buffers: dict[tuple[str, str, int], torch.Tensor] = {}  # (split, layer, call)
+        self._multi_call: set[str] = set()  # layers ever seen called twice in one pass
+        self._calls: dict[str, int] = {}  # calls per layer in the current forward pass
+        self._graph_means: dict[tuple[str, int], torch.Tensor] = {}  # latest pass, with grad
+        self._capture: dict[tuple[str, int], torch.Tensor] | None = None
+        self._skipped: dict[str, str] = {}  # layer -> why its latest output was skipped
+        self._warned: set[str] = set()
         self._handles = [
-            module.register_forward_hook(self._hook_for(name))
+            module.register_forward_hook(_LayerHook(self, name))
             for name, module in self.layers.items()
         ]
-        # A new forward pass starts a new penalty: drop the previous pass's graph values.
-        self._handles.append(model.register_forward_pre_hook(lambda *_: self._graph_means.clear()))
+        # A new forward pass: restart the call counts and the penalty's graph values.
+        self._handles.append(model.register_forward_pre_hook(self._start_forward))
+        self._handles.append(model.register_forward_hook(self._end_forward))
 
+    # -- lifecycle --------------------------------------------------------------------
     def __enter__(self) -> SparsityMonitor:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+    def __getstate__(self) -> dict:
+        # The latest pass's graph-connected values are transient and cannot be copied.
+        state = self.__dict__.copy()
+        state["_graph_means"] = {}
+        state["_capture"] = None
+        return state
 
     def remove(self) -> None:
         """Detach every hook; the model is left exactly as before. Safe to call twice."""
@@ -172,135 +401,243 @@ class SparsityMonitor:
         self._handles.clear()
         self._graph_means.clear()
 
-    def _hook_for(self, name: str):
-        def hook(module, inputs, output):
-            self._observe(name, output)
+    def start_pass(self) -> None:
+        """Start a new pass: restart the call counts and drop the penalty's graph values.
+        The model's forward pre-hook does this; call it yourself when a step runs the
+        hooked submodules without calling the model (e.g. a LightningModule's step)."""
+        self._calls.clear()
+        self._graph_means.clear()
 
-        return hook
+    def _start_forward(self, module, inputs) -> None:
+        self.start_pass()
+
+    def _end_forward(self, module, inputs, output) -> None:
+        self._calls.clear()
+
+    # -- per batch --------------------------------------------------------------------
+    def _skip(self, name: str, why: str) -> None:
+        self._skipped[name] = why
+
+    def _channels_first(self, name: str, output: torch.Tensor) -> torch.Tensor | None:
+        """``output`` as an ``(N, C, *S)`` view by the axes rule, or None to skip it."""
+        if output.dim() < 3:
+            self._skip(name, f"{output.dim()}-D output {tuple(output.shape)} has no positions")
+            return None
+        dim = self.channel_dims[name]
+        if dim is None:
+            rule = self._rules[name]
+            last_is_feature = output.shape[-1] in rule.linear_features
+            if rule.is_conv:
+                dim = 1
+            elif last_is_feature and output.shape[1] not in rule.conv_channels:
+                dim = -1
+            elif output.dim() >= 4:
+                dim = 1
+            else:
+                self._skip(name, f"3-D output {tuple(output.shape)} is ambiguous")
+                if name not in self._warned:
+                    self._warned.add(name)
+                    warnings.warn(
+                        f"SparsityMonitor: layer {name!r} gives a 3-D output "
+                        f"{tuple(output.shape)}, either (N, C, L) or tokens (N, T, D); it is "
+                        f"skipped. Pass channel_dim={{{name!r}: 1}} for channels first or "
+                        f"channel_dim={{{name!r}: -1}} for (N, T, D) tokens.",
+                        stacklevel=4,
+                    )
+                return None
+        x = output.movedim(dim, 1) if dim not in (1, 1 - output.dim()) else output
+        if x.shape[2:].numel() == 1:
+            self._skip(name, f"output {tuple(output.shape)} has one position per row")
+            return None
+        if x.numel() == 0:
+            self._skip(name, f"output {tuple(output.shape)} is empty")
+            return None
+        return x
 
     def _observe(self, name: str, output) -> None:
-        if not (self.enabled and isinstance(output, torch.Tensor)):
+        if not self.enabled:
             return
-        if output.dim() < 3 or not output.is_floating_point():
+        if not torch.compiler.is_compiling() and _in_backward():
+            return  # checkpoint recomputation: counted in the forward pass already
+        call = self._calls.get(name, 0)
+        self._calls[name] = call + 1
+        if call:
+            self._multi_call.add(name)
+        if not isinstance(output, torch.Tensor):
+            self._skip(name, f"output is a {type(output).__name__}, not a tensor")
             return
-        if self.differentiable and torch.is_grad_enabled() and output.requires_grad:
-            stats = ops.channel_stats(output)
-            mean = stats.sparsity.mean(dtype=reference.accumulation_dtype(stats.sparsity.dtype))
-            self._graph_means.setdefault(name, []).append(mean)
-            sparsity, entropy = stats.sparsity.detach(), stats.entropy.detach()
-        else:
-            with torch.no_grad():
-                stats = ops.channel_stats(output)
-            sparsity, entropy = stats.sparsity, stats.entropy
-        if self._capture is not None:
-            self._capture[name] = sparsity.float().cpu()
+        if not output.is_floating_point():
+            self._skip(name, f"output dtype {output.dtype} is not floating point")
             return
-        self._accumulate(name, sparsity, entropy)
+        x = self._channels_first(name, output)
+        if x is None:
+            return
+        softmax = None
+        measure = self.graph_measure
+        if measure is not None and torch.is_grad_enabled() and x.requires_grad:
+            stats = self._backend.graph_stats(x, measure)
+            acc = reference.accumulation_dtype(stats.sparsity.dtype)
+            self._graph_means[(name, call)] = stats.sparsity.mean(dtype=acc)
+            if measure == "softmax" and x.dtype == acc:  # reuse: the op ran once already
+                softmax = (stats.entropy.detach(), stats.sparsity.detach())
+        with torch.no_grad():
+            if softmax is None:
+                softmax = self._backend.softmax_rows(x)
+            if self._capture is not None:
+                self._capture[(name, call)] = softmax[1].float().cpu()
+                return
+            self._accumulate(self._split_name(), name, call, x, *softmax)
 
-    def _accumulate(self, name: str, sparsity: torch.Tensor, entropy: torch.Tensor) -> None:
-        """Append this output's two row sums (0-dim, on its device): two reductions per
-        layer and batch, no host sync; they are added up once, in :meth:`end_epoch`."""
-        split = self.split or ("train" if self.model.training else "test")
-        if split not in self._sums:
-            self._sums[split] = [[] for _ in self.layers]
-            self._rows[split] = [0] * len(self.layers)
-        index = self._layer_index[name]
-        acc = reference.accumulation_dtype(sparsity.dtype)  # no float16 sums: they overflow
-        if sparsity.dtype == acc:
-            self._sums[split][index] += (sparsity.sum(), entropy.sum())
-        else:
-            self._sums[split][index] += (sparsity.sum(dtype=acc), entropy.sum(dtype=acc))
-        self._rows[split][index] += sparsity.numel()
+    def _split_name(self) -> str:
+        return self.split or ("train" if self.model.training else "test")
+
+    def _accumulate(self, split, name, call, x, entropy, sparsity) -> None:
+        """Add this output's column sums into its persistent buffer: a fixed handful of
+        device ops per layer and batch, no host sync."""
+        key = (split, name, call)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            dtype = torch.float32 if x.device.type == "mps" else torch.float64
+            buffer = self._buffers[key] = torch.zeros(_COLUMNS, dtype=dtype, device=x.device)
+        entropy_l1, sparsity_l1, s, zeros, total = self._backend.l1_rows(x)
+        live = s.sign()  # 1 for a live row, 0 for a dead one (S >= 0)
+        columns = torch.stack([sparsity, entropy, sparsity_l1, entropy_l1 * live, live, zeros,
+                               total])  # fmt: skip
+        buffer[:_ROWS].add_(columns.sum((1, 2)))  # float32 sums into the float64 buffer
+        # Counts as scalar arguments of two tiny kernels: no host-to-device copy, no sync.
+        rows = x.shape[0] * x.shape[1]
+        buffer[_ROWS].add_(rows)
+        buffer[_VALUES].add_(rows * x.shape[2:].numel())
+
+    # -- per epoch --------------------------------------------------------------------
+    def record_name(self, name: str, call: int) -> str:
+        """``name`` for a module seen called once per pass, else ``f"{name}#{call}"``."""
+        return f"{name}#{call}" if name in self._multi_call else name
 
     def batch_sparsity(self) -> torch.Tensor:
-        """Mean over layers of each layer's mean sparsity in the latest forward pass.
+        """Mean over layer calls of each call's mean sparsity in the latest forward pass.
 
-        Graph-connected (differentiable) when :attr:`differentiable` is set and the pass
-        ran with grad; a zero scalar when no monitored layer produced a recordable output.
-        A module called several times in one pass contributes the mean of its calls.
+        Graph-connected when a penalty is attached and the pass ran with grad. Only calls
+        that gave rows count (:attr:`batch_layers` names them); a zero scalar if none did.
         """
         if not self._graph_means:
             return torch.zeros(())
-        per_layer = [torch.stack(values).mean() for values in self._graph_means.values()]
-        return torch.stack(per_layer).mean()
+        return torch.stack(list(self._graph_means.values())).mean()
+
+    @property
+    def batch_layers(self) -> list[str]:
+        """The layer calls :meth:`batch_sparsity` averages over, from the latest pass."""
+        return [self.record_name(name, call) for name, call in self._graph_means]
 
     def end_epoch(self, epoch: int) -> list[SparsityRecord]:
-        """Close the epoch: one record per (split, layer) seen, appended to :attr:`history`.
+        """Close the epoch: one record per (split, layer call) seen, appended to :attr:`history`.
 
-        Reduces the sums and row counts over all ranks first (one collective), then syncs
-        with the host once. Layers with no recorded rows in a split get no record.
+        Reduces the sums over all ranks first (one collective), then syncs with the host
+        once. Warns about explicitly requested layers that gave no rows in this epoch.
         """
-        splits = distributed.union_of_names(list(self._sums))
-        partials = [t for per_layer in self._sums.values() for sums in per_layer for t in sums]
-        device = partials[0].device if partials else distributed.collective_device()
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        table = torch.zeros(len(splits), len(self.layers), 3, dtype=dtype, device=device)
-        for i, split in enumerate(splits):
-            for j, sums in enumerate(self._sums.get(split, ())):
-                if sums:  # [sparsity, entropy, sparsity, entropy, ...] of every batch
-                    table[i, j, :2] = torch.stack(sums).to(dtype).view(-1, 2).sum(0)
-            if split in self._rows:
-                table[i, :, 2] = torch.tensor(self._rows[split], dtype=dtype)
-        table = distributed.all_reduce_sum(table).cpu()
+        keys = [f"{s}\t{n}\t{c}" for s, n, c in self._buffers]
+        keys += [f"\t{n}\t1" for n in self._multi_call]  # spread the naming over ranks
+        union = [key.split("\t") for key in distributed.union_of_names(keys)]
+        self._multi_call.update(n for s, n, c in union if int(c) > 0)
+        slots = sorted(
+            {(s, n, int(c)) for s, n, c in union if s},
+            key=lambda k: (k[0], self._layer_index[k[1]], k[2]),
+        )
+        buffers = list(self._buffers.values())
+        device = buffers[0].device if buffers else distributed.collective_device()
+        dtype = buffers[0].dtype if buffers else torch.float64
+        table = torch.zeros(len(slots), _COLUMNS, dtype=dtype, device=device)
+        for i, key in enumerate(slots):
+            if key in self._buffers:
+                table[i] = self._buffers[key].to(device, dtype)
+        table = distributed.all_reduce_sum(table).cpu().double()
         self.reset()
         records = []
-        for i, split in enumerate(splits):
-            for j, layer in enumerate(self.layers):
-                rows = int(table[i, j, 2])
-                if rows:
-                    records.append(
-                        SparsityRecord(
-                            epoch,
-                            split,
-                            layer,
-                            float(table[i, j, 0] / rows),
-                            float(table[i, j, 1] / rows),
-                            rows,
-                        )
-                    )
+        for (split, name, call), sums in zip(slots, table.tolist()):
+            rows, values, live = sums[_ROWS], sums[_VALUES], sums[_LIVE]
+            if not rows:
+                continue
+            records.append(SparsityRecord(
+                epoch, split, self.record_name(name, call),
+                sparsity=sums[_SPARSITY] / rows,
+                entropy=sums[_ENTROPY] / rows,
+                sparsity_l1=sums[_SPARSITY_L1] / live if live else math.nan,
+                entropy_l1=sums[_ENTROPY_L1] / live if live else math.nan,
+                zero_fraction=sums[_ZEROS] / values,
+                dead_fraction=(rows - live) / rows,
+                mean_activation=sums[_SUM] / values,
+                rows=int(rows),
+            ))  # fmt: skip
+        self._warn_silent_layers({r.layer.partition("#")[0] for r in records})
         self.history.extend(records)
         return records
 
+    def _warn_silent_layers(self, recorded: set[str]) -> None:
+        if not self.explicit_layers:
+            return
+        silent = [n for n in self.layers if n not in recorded and n not in self._warned]
+        if silent:
+            self._warned.update(silent)
+            why = "; ".join(f"{n}: {self._skipped.get(n, 'never called')}" for n in silent)
+            warnings.warn(f"SparsityMonitor: requested layers gave no rows this epoch ({why})",
+                          stacklevel=3)  # fmt: skip
+
     def reset(self) -> None:
         """Discard what was accumulated since the last :meth:`end_epoch`."""
-        self._sums.clear()
-        self._rows.clear()
+        self._buffers.clear()
 
     @contextmanager
     def capture(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Collect per-row sparsity maps instead of accumulating, for one forward pass.
+        """Collect per-row sparsity maps instead of accumulating, for the block's passes.
 
-        Yields a dict filled during the block with ``{layer: (N, C) float32 CPU tensor}``
-        (the last call wins for a module called twice); nothing enters the epoch's means.
+        Yields a dict filled when the block ends with ``{layer call: (N, C) float32 CPU
+        tensor}`` named as the records are (every call of a module called several times;
+        the last pass wins); nothing enters the epoch's means.
         """
         maps: dict[str, torch.Tensor] = {}
-        self._capture = maps
+        self._capture = captured = {}
         try:
             yield maps
         finally:
             self._capture = None
+            maps.update({self.record_name(n, c): m for (n, c), m in captured.items()})
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class SparsityPenalty:
-    """``weight * mean over monitored layers of the layer's mean sparsity``, differentiable.
+    """``weight * mean over monitored layer calls of the call's mean sparsity``, differentiable.
 
     Call it after the forward pass and add it to the loss::
 
         penalty = SparsityPenalty(model, weight=0.1)   # or SparsityPenalty(monitor, 0.1)
         loss = criterion(model(x), y) + penalty()
 
-    It switches its monitor to measure with autograd, so the value comes from the fused
-    op's backward, and the monitor's epoch statistics reuse the same (detached) values.
-    Returns a zero scalar when the latest pass recorded nothing with grad (e.g. eval).
+    ``normalize`` picks the measure: ``"softmax"`` (the paper's, through the fused op's
+    backward) or ``"l1"`` (the scale-invariant one). Only layer calls that gave rows in the
+    latest pass count; :attr:`layers` names them. Returns a zero scalar when the latest
+    pass recorded nothing with grad (e.g. eval).
     """
 
-    def __init__(self, monitor: SparsityMonitor | nn.Module, weight: float):
+    def __init__(self, monitor: SparsityMonitor | nn.Module, weight: float,
+                 normalize: str = "softmax"):  # fmt: skip
         weight = float(weight)
         if not weight >= 0.0:
             raise ValueError(f"the penalty weight must be a number >= 0, got {weight}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         self.monitor = monitor if isinstance(monitor, SparsityMonitor) else SparsityMonitor(monitor)
-        self.monitor.differentiable = True
+        self.monitor.graph_measure = normalize
+        self.normalize = normalize
         self.weight = weight
+
+    @property
+    def layers(self) -> list[str]:
+        """The layer calls the latest value averaged over."""
+        return self.monitor.batch_layers
 
     def __call__(self) -> torch.Tensor:
         return self.weight * self.monitor.batch_sparsity()

@@ -5,29 +5,45 @@ For ``x`` of shape ``(N, C, *S)`` every row ``x[n, c]`` is flattened to its
 
     s  = sum_i exp(x_i - m)
     t  = sum_i (x_i - m) * exp(x_i - m)
-    H  = log s - t / s                 # entropy of softmax(x[n, c]) in nats
+    H  = log s - t / s                 # entropy of p = softmax(x[n, c]) in nats
     PP = exp(H)                        # perplexity, 1 <= PP <= L
     SP = (L - PP) / (L - 1)            # sparsity, 0 (uniform) .. 1 (one-hot); 0 if L == 1
 
 Sums are taken relative to the row maximum so that rows far from zero keep their
-precision. ``-inf`` positions are masked (probability 0, zero gradient); NaN or
-``+inf`` anywhere in a row, or a row of only ``-inf``, gives NaN for that row.
+precision; ``m`` is a constant of differentiation (the measure does not depend on it).
+The gradient, with ``mu = sum_i p_i x_i``::
 
-Every compiled path is tested against these functions, and they are the fallback
-wherever the compiled extension is not available. Differentiable by autograd.
+    dH/dx_i  = -p_i (x_i - mu),   dPP/dx_i = PP dH/dx_i,   dSP/dx_i = -dPP/dx_i / (L - 1)
+
+Special rows, values and gradients (the fused kernels give the same):
+
+- ``-inf`` at a position masks it: probability 0, no contribution, gradient exactly 0 there.
+- NaN anywhere in a row, ``+inf`` anywhere in a row (as ``torch.softmax``), or a row of only
+  ``-inf``: all three outputs are NaN for that row, and so is the gradient at *every*
+  position of the row (its ``-inf`` positions included), whatever the incoming gradient.
+  A NaN in means NaN out; a zero would hide it.
+- ``L = 1`` (a finite single position): ``H = 0, PP = 1, SP = 0``, gradient 0.
+
+Every compiled path is tested against these functions, and they are the fallback kernels
+wherever the compiled extension is not available. Differentiable by autograd to any order.
 """
 
-from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
 
 __all__ = ["ChannelStats", "channel_stats", "entropy", "perplexity", "sparsity",
-           "accumulation_dtype", "check_input", "SUPPORTED_DTYPES"]
+           "accumulation_dtype", "sparsity_slope", "check_input", "row_stats",
+           "entropy_derivatives", "positions", "SUPPORTED_DTYPES"]
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Shifted values x_i - m are clamped from below to this: exp() of it is exactly 0 in float32
+# and float64, so a masked (-inf) position adds 0 to s and t (not -inf * 0 = NaN), and
+# products of it with O(1) factors stay finite in the derivatives below.
+SHIFT_FLOOR = -1024.0
 
 
 class ChannelStats(NamedTuple):
@@ -43,48 +59,123 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def sparsity_slope(length):
+    """``dSP/dPP``: ``-1 / (L - 1)``, or 0 for ``L = 1``, where SP is defined as 0.
+
+    The one Python home of the L = 1 rule: ``SP = (PP - L) * sparsity_slope(L)``.
+    """
+    return -1.0 / (length - 1) if length > 1 else 0.0
+
+
+def positions(x: torch.Tensor):
+    """``L = prod(S)``; a plain product, as ``torch.Size.numel()`` would specialise symbolic
+    sizes under torch.compile and export."""
+    length = 1
+    for size in x.shape[2:]:
+        length = length * size
+    return length
+
+
+def _shape(shape) -> str:
+    # Printed like C++'s IntArrayRef, so that both sides raise the same text.
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def check_dense(t: torch.Tensor, name: str) -> None:
+    if t.is_nested or t.layout != torch.strided:
+        raise TypeError(f"sparsity_ext: {name} must be a dense (strided) tensor; sparse, nested "
+                        f"and other layouts are not supported")
+
+
 def check_input(x: torch.Tensor) -> None:
-    """Raise a clear exception for input the measure is not defined on."""
+    """Raise a clear exception for input the measure is not defined on.
+
+    The same types and texts as the native ops (csrc/host_prepare.cpp); no guard on sizes
+    under torch.compile (the spatial-size check is a deferred runtime assertion).
+    """
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"sparsity_ext: expected a torch.Tensor, got {type(x).__name__}")
+    check_dense(x, "x")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"expected a floating-point tensor (float16, bfloat16, float32 or float64), "
-            f"got dtype {x.dtype}"
-        )
+        raise TypeError(f"sparsity_ext: x must be a floating-point tensor (float16, bfloat16, "
+                        f"float32 or float64), got {x.dtype}")
     if x.dim() < 3:
-        raise ValueError(
-            f"expected a tensor of shape (N, C, *spatial) with at least one spatial dim, "
-            f"got {x.dim()} dims of shape {tuple(x.shape)}"
-        )
-    if x.shape[2:].numel() == 0:
-        raise ValueError(
-            f"the softmax is taken over the spatial positions, but shape {tuple(x.shape)} "
-            f"has zero spatial positions"
-        )
+        raise ValueError(f"sparsity_ext: x must have shape (N, C, *spatial) with at least one "
+                         f"spatial dim, got shape {_shape(x.shape)}")
+    length = positions(x)
+    if isinstance(length, torch.SymInt):  # torch.compile, export: deferred, not a guard
+        torch._check_value(length != 0,
+                           lambda: "sparsity_ext: x must have at least one spatial position")
+    elif length == 0:
+        raise ValueError(f"sparsity_ext: x must have at least one spatial position, got shape "
+                         f"{_shape(x.shape)}")
+
+
+def _shifted_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x_i - m`` per row, ``(N, C, L)`` in the accumulation dtype, clamped to SHIFT_FLOOR."""
+    rows = x.flatten(2).to(accumulation_dtype(x.dtype))
+    row_max = rows.amax(dim=-1, keepdim=True).detach()
+    # +inf makes the softmax undefined: a NaN shift turns the whole row NaN, values and
+    # gradients alike (an all -inf row gets NaN from -inf - -inf by itself).
+    row_max = torch.where(row_max == float("inf"), float("nan"), row_max)
+    shifted = rows - row_max
+    # `where`, unlike clamp_min, passes a NaN and its gradient through; a clamped (masked)
+    # position gets gradient 0.
+    return torch.where(shifted < SHIFT_FLOOR, SHIFT_FLOOR, shifted)
+
+
+def _entropy_of_rows(shifted: torch.Tensor):
+    weights = shifted.exp()
+    s = weights.sum(dim=-1)
+    t = (shifted * weights).sum(dim=-1)
+    return s, t, s.log() - t / s
 
 
 def channel_stats(x: torch.Tensor) -> ChannelStats:
     """Entropy, perplexity and sparsity of every ``(n, c)`` row of ``x`` (see module doc)."""
     check_input(x)
-    acc = accumulation_dtype(x.dtype)
-    rows = x.flatten(2).to(acc)
-    length = rows.shape[-1]
-    row_max = rows.amax(dim=-1, keepdim=True)
-    # A masked (-inf) position gives shifted = -inf; clamping it to the lowest finite value
-    # keeps exp() at 0 and makes shifted * exp(shifted) 0 instead of -inf * 0 = NaN.
-    shifted = (rows - row_max).clamp_min(torch.finfo(acc).min)
-    weights = shifted.exp()
-    s = weights.sum(dim=-1)
-    t = (shifted * weights).sum(dim=-1)
-    entropy = s.log() - t / s
+    _, _, entropy = _entropy_of_rows(_shifted_rows(x))
     perplexity = entropy.exp()
-    if length > 1:
-        sparsity = (length - perplexity) / (length - 1)
-    else:
-        # L == 1: one position always holds all mass; sparsity is defined as 0 (NaN stays NaN).
-        sparsity = perplexity * 0
+    sparsity = (perplexity - positions(x)) * sparsity_slope(positions(x))
     return ChannelStats(entropy.to(x.dtype), perplexity.to(x.dtype), sparsity.to(x.dtype))
+
+
+def row_stats(x: torch.Tensor) -> torch.Tensor:
+    """What the fused forward saves per row, ``(3, N, C)`` in the accumulation dtype: the
+    row maximum, ``log s`` and ``t / s`` (see module doc)."""
+    rows = x.flatten(2).to(accumulation_dtype(x.dtype))
+    s, t, _ = _entropy_of_rows(_shifted_rows(x))
+    return torch.stack([rows.amax(dim=-1), s.log(), t / s])
+
+
+class EntropyDerivatives(NamedTuple):
+    entropy: torch.Tensor    # (N, C), accumulation dtype
+    gradient: torch.Tensor   # dH/dx, (N, C, L)
+    hvp: torch.Tensor | None  # (d^2 H / dx dx) v for the given v, (N, C, L)
+
+
+def entropy_derivatives(x: torch.Tensor, v: torch.Tensor | None = None) -> EntropyDerivatives:
+    """H, its gradient and (given ``v`` of x's shape) its Hessian times ``v``, per row, in the
+    accumulation dtype, computed from ``x`` alone, so differentiable again to any order.
+
+    With ``p = softmax(x)``, ``d_i = x_i - mu``, ``a = sum_i v_i p_i d_i``,
+    ``b = sum_i v_i p_i``, and ``dp_i/dx_j = p_i (delta_ij - p_j)``,
+    ``dmu/dx_j = p_j (1 + d_j)``::
+
+        dH/dx_j             = -p_j d_j
+        sum_i v_i d2H/dx_i dx_j = -p_j ((v_j - b) (1 + d_j) - a)
+    """
+    shifted = _shifted_rows(x)
+    s, t, entropy = _entropy_of_rows(shifted)
+    p = shifted.exp() / s.unsqueeze(-1)
+    d = shifted - (t / s).unsqueeze(-1)
+    gradient = -p * d
+    if v is None:
+        return EntropyDerivatives(entropy, gradient, None)
+    v = v.reshape(shifted.shape).to(shifted.dtype)
+    a = (v * p * d).sum(dim=-1, keepdim=True)
+    b = (v * p).sum(dim=-1, keepdim=True)
+    return EntropyDerivatives(entropy, gradient, -p * ((v - b) * (1 + d) - a))
 
 
 def entropy(x: torch.Tensor) -> torch.Tensor:

@@ -301,9 +301,9 @@ def test_mismatched_devices_are_rejected():
     x = torch.randn(2, 3, 4, 4, device="cuda")
     _, _, _, stats = torch.ops.sparsity_ext.channel_stats_forward(x)
     g = torch.randn(2, 3, device="cuda")
-    with pytest.raises(RuntimeError, match="same CUDA device"):
+    with pytest.raises(RuntimeError, match="same device"):
         torch.ops.sparsity_ext.channel_stats_backward(x, stats, g.cpu(), g, g)
-    with pytest.raises(RuntimeError, match="same CUDA device"):
+    with pytest.raises(RuntimeError, match="same device"):
         torch.ops.sparsity_ext.channel_stats_backward(x, stats.cpu(), g, g, g)
 
 

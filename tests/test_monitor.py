@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsity_ext
+from sparsity_ext import monitor as monitor_module
 from sparsity_ext import ops, reference
 from sparsity_ext.monitor import SparsityMonitor, SparsityPenalty, default_layers
 from sparsity_ext.app.data import load_digits
@@ -198,26 +200,34 @@ def test_penalty_gradient_matches_autograd_of_the_reference():
 
 
 def test_penalty_runs_the_op_once_per_layer_and_the_monitor_reuses_it(monkeypatch):
+    torch.manual_seed(0)
     model = SmallVGG(1, 10, 8)
     x = torch.randn(4, 1, 8, 8)
-    calls = []
-    real = ops.channel_stats
+    graph_calls, plain_calls = [], []
+    backend = monitor_module._Backend
+    real_graph, real_plain = backend.graph_stats, backend.softmax_rows
     monkeypatch.setattr(
-        ops, "channel_stats", lambda a: calls.append(torch.is_grad_enabled()) or real(a)
+        backend, "graph_stats", lambda *a: graph_calls.append(1) or real_graph(*a)
+    )
+    monkeypatch.setattr(
+        backend, "softmax_rows", lambda *a: plain_calls.append(1) or real_plain(*a)
     )
     plain = SparsityMonitor(model)
     model(x)
     expected = plain.end_epoch(0)
     plain.remove()
-    assert calls == [False] * 4
-    calls.clear()
+    assert (graph_calls, plain_calls) == ([], [1] * 4)
+    plain_calls.clear()
     penalty = SparsityPenalty(model, 1.0)
     model(x)
-    assert calls == [True] * 4  # with grad, once per conv activation, no second no-grad pass
+    assert (graph_calls, plain_calls) == ([1] * 4, [])  # with grad, once per conv activation
     value = penalty()
     got = penalty.monitor.end_epoch(0)
-    assert [r.sparsity for r in got] == pytest.approx([r.sparsity for r in expected], rel=1e-6)
+    for g, e in zip(got, expected):
+        for field in ("sparsity", "entropy", "sparsity_l1", "zero_fraction", "mean_activation"):
+            assert getattr(g, field) == pytest.approx(getattr(e, field), rel=1e-6), field
     assert value.item() == pytest.approx(sum(r.sparsity for r in got) / 4, rel=1e-5)
+    assert penalty.layers == [r.layer for r in got]
     model(x)  # a new forward pass replaces the previous pass's values
     assert penalty().item() == pytest.approx(value.item(), rel=1e-6)
     penalty.monitor.remove()
@@ -241,33 +251,298 @@ def test_the_public_exports():
     assert callable(sparsity_ext.overfitting_warning)
 
 
-def _train_digits(penalty_weight: float, seed: int, epochs: int = 4) -> float:
-    """Short digits run; returns the final mean test sparsity over the conv layers."""
-    data = load_digits(None, 200, 300, seed)
-    torch.manual_seed(seed)
-    model = SmallVGG(1, 10, 8)
+def test_a_gradient_step_on_the_penalty_lowers_it():
+    """Deterministic: a small enough step against the penalty's gradient lowers the
+    penalty on the same batch (a zero, None or sign-flipped gradient fails)."""
+    torch.manual_seed(0)
+    data = load_digits(None, 64, 32, 0)
+    for normalize in ("softmax", "l1"):
+        torch.manual_seed(0)
+        model = SmallVGG(1, 10, 8)
+        penalty = SparsityPenalty(model, 1.0, normalize=normalize)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        model(data.train_x)
+        before = penalty()
+        optimizer.zero_grad()
+        before.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert sum(g.abs().sum() for g in grads) > 0, normalize
+        optimizer.step()
+        model(data.train_x)
+        assert penalty().item() < before.item(), normalize
+        penalty.monitor.remove()
+
+
+def hand_columns(outputs: list[torch.Tensor]) -> dict[str, float]:
+    """Every record column from the activations, by the textbook formulas in float64."""
+    rows = torch.cat([a.detach().double().flatten(2).flatten(0, 1) for a in outputs])
+    length = rows.shape[1]
+    p = torch.softmax(rows, dim=1)
+    entropy = torch.special.entr(p).sum(1)
+    a = rows.clamp_min(0)
+    total = a.sum(1)
+    live = total > 0
+    q = a[live] / total[live, None]
+    entropy_l1 = torch.special.entr(q).sum(1)
+    return {
+        "sparsity": ((length - entropy.exp()) / (length - 1)).mean().item(),
+        "entropy": entropy.mean().item(),
+        "sparsity_l1": ((length - entropy_l1.exp()) / (length - 1)).mean().item(),
+        "entropy_l1": entropy_l1.mean().item(),
+        "zero_fraction": (rows <= 0).double().mean().item(),
+        "dead_fraction": 1 - live.double().mean().item(),
+        "mean_activation": rows.mean().item(),
+        "rows": rows.shape[0],
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_every_column_equals_a_float64_hand_formula(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 3, 3), nn.ELU())
+    with torch.no_grad():
+        model[0].bias[0] = -100.0  # channel 0 of the ReLU is dead in every sample
+    model.to(dtype)
     monitor = SparsityMonitor(model)
-    penalty = SparsityPenalty(monitor, penalty_weight)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(data.train_y), generator=generator).split(32):
-            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx]) + penalty()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            model(data.test_x)
-        records = monitor.end_epoch(epoch)
+    seen, handles = collect_activations(model, ["1", "3"])
+    for n in (3, 1, 4):
+        model(torch.randn(n, 2, 7, 6, dtype=dtype) * 2)
+    records = {r.layer: r for r in monitor.end_epoch(0)}
     monitor.remove()
-    test = [r.sparsity for r in records if r.split == "test"]
-    return sum(test) / len(test)
+    for h in handles:
+        h.remove()
+    assert set(records) == {"1", "3"}
+    assert records["1"].dead_fraction == pytest.approx(1 / 5, abs=1e-12)
+    # Per-row values are float32 before they are averaged, also for 16-bit activations:
+    # averaging values rounded to bfloat16 would be off by ~1e-3, far outside these bounds.
+    rel = 1e-12 if dtype == torch.float64 else 2e-6
+    for name, record in records.items():
+        expected = hand_columns(seen[name])
+        assert record.rows == expected.pop("rows")
+        for field, value in expected.items():
+            assert getattr(record, field) == pytest.approx(value, rel=rel, abs=rel), (name, field)
 
 
-def test_training_with_the_penalty_ends_with_lower_sparsity():
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    without = _train_digits(0.0, seed)
-    with_penalty = _train_digits(2.0, seed)
-    assert with_penalty < 0.75 * without, (seed, with_penalty, without)
+def test_the_l1_stand_in_keeps_the_native_contract_and_its_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    x[0, 1] = -x[0, 1].abs()  # a dead row
+    x[1, 2, 0, 0] = 0.0  # an exact zero on a live row
+    x.requires_grad_(True)
+    entropy, perplexity, sparsity, row_stats = monitor_module.l1_stats_forward(x)
+    assert row_stats.shape == (4, 3, 4) and row_stats.dtype == torch.float64
+    rows = x.detach().flatten(2)
+    a = rows.clamp_min(0)
+    torch.testing.assert_close(row_stats[0], a.sum(-1))
+    torch.testing.assert_close(row_stats[2], (rows <= 0).sum(-1).double())
+    torch.testing.assert_close(row_stats[3], rows.sum(-1))
+    assert entropy[0, 1].item() == pytest.approx(math.log(30)) and sparsity[0, 1].item() == 0
+    torch.testing.assert_close(perplexity, entropy.exp())
+    # Gradient: -(log a_i - T/S) / S where x_i > 0, exactly 0 elsewhere (ReLU convention).
+    (grad,) = torch.autograd.grad(entropy.sum(), x)
+    s, t_over_s = row_stats[0, ..., None], row_stats[1, ..., None]
+    live = (a > 0) & (s > 0)
+    expected = torch.where(live, -(a.clamp_min(1e-300).log() - t_over_s) / s, 0.0)
+    torch.testing.assert_close(grad.flatten(2), expected)
+    assert grad.isfinite().all() and (grad.flatten(2)[~live] == 0).all()
+    # Scale invariance of the L1 measure; float32 row_stats for 16-bit input.
+    torch.testing.assert_close(monitor_module.l1_stats_forward(x.detach() * 7.5)[2], sparsity.detach())
+    assert monitor_module.l1_stats_forward(x.detach().half())[3].dtype == torch.float32
+
+
+class TwiceCalled(nn.Module):
+    """One ReLU module called on two maps of different widths, like torchvision's blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 6, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))))
+
+
+def test_one_record_per_call_and_capture_keeps_every_call():
+    torch.manual_seed(0)
+    model = TwiceCalled()
+    monitor = SparsityMonitor(model)
+    seen, handles = collect_activations(model, ["relu"])
+    x = torch.randn(4, 2, 5, 5)
+    model(x)
+    model(x[:3])
+    records = {r.layer: r for r in monitor.end_epoch(0)}
+    assert list(records) == ["relu#0", "relu#1"]
+    assert [records["relu#0"].rows, records["relu#1"].rows] == [7 * 3, 7 * 6]
+    for call in (0, 1):
+        expected = hand_columns(seen["relu"][call::2])
+        assert records[f"relu#{call}"].sparsity == pytest.approx(expected["sparsity"], abs=1e-6)
+    with torch.no_grad(), monitor.capture() as maps:
+        model(x)
+    assert list(maps) == ["relu#0", "relu#1"]
+    assert [m.shape for m in maps.values()] == [(4, 3), (4, 6)]
+    torch.testing.assert_close(maps["relu#1"], ops.sparsity(seen["relu"][-1]).float())
+    assert monitor.end_epoch(1) == []  # captured passes are not accumulated
+    monitor.remove()
+    for h in handles:
+        h.remove()
+
+
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt's pattern: a Linear over the last dim of (N, H, W, C), then a GELU."""
+
+    def __init__(self, dim=4):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        return x + self.fc2(self.act(self.fc1(y))).permute(0, 3, 1, 2)
+
+
+class TokenMLP(nn.Module):
+    """A transformer MLP on (N, T, D) tokens, plus a bare 3-D activation without a Linear."""
+
+    def __init__(self, dim=6):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.bare = nn.Tanh()
+
+    def forward(self, x):
+        return self.bare(self.mlp(x))
+
+
+def test_axes_rule_channels_last_tokens_and_ambiguous_outputs():
+    torch.manual_seed(0)
+    block = ChannelsLastBlock()
+    seen, handles = collect_activations(block, ["act"])
+    with SparsityMonitor(block) as monitor:
+        block(torch.randn(3, 4, 5, 7))
+        (record,) = monitor.end_epoch(0)
+    assert record.layer == "act" and record.rows == 3 * 16  # (sample, feature), not (N, H)
+    channels_first = seen["act"][0].permute(0, 3, 1, 2)  # (N, 4C, H, W)
+    assert record.sparsity == pytest.approx(hand_columns([channels_first])["sparsity"], abs=1e-6)
+
+    tokens = TokenMLP()
+    seen, _ = collect_activations(tokens, ["mlp.1", "bare"])
+    with SparsityMonitor(tokens) as monitor:
+        with pytest.warns(UserWarning, match=r"'bare' gives a 3-D output .* channel_dim="):
+            tokens(torch.randn(2, 9, 6))
+        tokens(torch.randn(2, 9, 6))  # warned once only (pytest fails on a second warning)
+        (record,) = monitor.end_epoch(0)
+    assert record.layer == "mlp.1" and record.rows == 2 * 2 * 12  # features x 2 batches
+    expected = hand_columns([a.transpose(1, 2) for a in seen["mlp.1"]])
+    assert record.entropy == pytest.approx(expected["entropy"], rel=1e-6)
+    assert record.sparsity_l1 == pytest.approx(expected["sparsity_l1"], rel=1e-6)
+
+    # An explicit channel_dim overrides the rule, per layer.
+    with SparsityMonitor(tokens, channel_dim={"bare": 1}) as monitor:
+        x = torch.randn(2, 9, 6)
+        tokens(x)
+        records = {r.layer: r for r in monitor.end_epoch(0)}
+    assert records["bare"].rows == 2 * 9 and records["mlp.1"].rows == 2 * 12
+    with pytest.raises(ValueError, match="not monitored"):
+        SparsityMonitor(tokens, channel_dim={"nope": 1})
+
+
+def test_one_position_outputs_are_skipped_and_the_penalty_averages_over_layers_with_rows():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),  # (N, 4, 6, 6): measured
+        nn.AdaptiveAvgPool2d(1),
+        nn.Sigmoid(),  # (N, 4, 1, 1): one position, skipped
+        nn.Flatten(),
+        nn.Linear(4, 3),
+        nn.Tanh(),  # (N, 3): skipped
+    )
+    penalty = SparsityPenalty(model, 1.0)
+    x = torch.randn(5, 2, 6, 6)
+    model(x)
+    value = penalty()
+    assert penalty.layers == ["1"]
+    a = model[1](model[0](x))  # a submodule called alone: its call count starts at 0
+    torch.testing.assert_close(value, reference.sparsity(a).mean())  # not diluted by zeros
+    assert [r.layer for r in penalty.monitor.end_epoch(0)] == ["1"]
+    penalty.monitor.remove()
+
+
+def test_requested_layers_without_rows_are_named_in_a_warning():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2), nn.ReLU())
+    monitor = SparsityMonitor(model, layers=["1", "4"])
+    model(torch.randn(2, 1, 4, 4))
+    with pytest.warns(UserWarning, match=r"gave no rows this epoch \(4: 2-D output \(2, 2\)"):
+        assert [r.layer for r in monitor.end_epoch(0)] == ["1"]
+    monitor.remove()
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_recomputation_is_not_counted(use_reentrant):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3))
+    x = torch.randn(4, 2, 6, 6, requires_grad=True)
+    records = []
+    for checkpointed in (False, True):
+        with SparsityMonitor(model) as monitor:
+            if checkpointed:
+                out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=use_reentrant)
+            else:
+                out = model(x)
+            out.sum().backward()
+            records.append(monitor.end_epoch(0))
+    assert records[0] == records[1] and records[0][0].rows == 4 * 3
+
+
+def test_a_deepcopy_has_its_own_monitor_and_a_monitored_model_pickles(tmp_path):
+    torch.manual_seed(0)
+    student = SmallVGG(1, 10, 8)
+    monitor = SparsityMonitor(student)
+    penalty = SparsityPenalty(monitor, 0.5)
+    x = torch.randn(4, 1, 8, 8)
+    student(x)
+    value = penalty()
+    teacher = copy.deepcopy(student)  # e.g. an EMA / teacher copy, taken mid-training
+    teacher(torch.randn(6, 1, 8, 8) * 5)  # must not touch the student's monitor
+    assert penalty().item() == value.item() and penalty.layers
+    records = monitor.end_epoch(0)
+    assert {r.rows for r in records} <= {4 * 32, 4 * 64}
+    torch.save(student, tmp_path / "student.pt")
+    loaded = torch.load(tmp_path / "student.pt", weights_only=False)
+    loaded(x)  # the loaded copy measures into its own monitor copy
+    assert monitor.end_epoch(1) == []
+    reloaded_monitor = next(iter(loaded.features.stage1_relu1._forward_hooks.values())).monitor
+    assert reloaded_monitor is not monitor
+    assert [r.sparsity for r in reloaded_monitor.end_epoch(0)] == pytest.approx(
+        [r.sparsity for r in records], rel=1e-6
+    )
+    monitor.remove()
+    assert hook_counts(copy.deepcopy(student)) == hook_counts(SmallVGG(1, 10, 8))
+
+
+def test_a_compiled_monitored_model_does_not_recompile_per_step():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = SmallResNet(1, 10, 8)
+    model = copy.deepcopy(eager)
+    expected_monitor = SparsityMonitor(eager)
+    compiled = torch.compile(model, backend="aot_eager")
+    monitor = SparsityMonitor(compiled)  # unwraps the OptimizedModule
+    assert monitor.model is model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(4, 1, 8, 8)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for _ in range(5):
+        compiled(x).sum().backward()
+        optimizer.step()
+        eager(x)
+    # The first step traces, the second once more (its buffers exist now), then no more.
+    assert counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
+    got, expected = monitor.end_epoch(0), expected_monitor.end_epoch(0)
+    assert [(r.layer, r.rows) for r in got] == [(r.layer, r.rows) for r in expected]
+    assert [r.sparsity for r in got] == pytest.approx([r.sparsity for r in expected], rel=1e-5)
+    torch._dynamo.reset()

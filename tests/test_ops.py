@@ -112,7 +112,7 @@ def test_channels_last_is_read_in_place():
     assert g.is_contiguous(memory_format=torch.channels_last)
 
 
-# --- non-finite semantics (DESIGN.md) -------------------------------------------------
+# --- non-finite semantics (sparsity_ext/reference.py) ---------------------------------
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -163,12 +163,25 @@ def test_nan_or_plus_inf_poisons_its_row_only(device, dtype, bad, layout):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_row_of_only_minus_inf_is_nan(device, dtype):
+@pytest.mark.parametrize("row", ["all -inf", "+inf and -inf", "nan and -inf"])
+def test_poisoned_row_is_nan_in_value_and_in_every_gradient_position(device, dtype, row):
     x = random_input((2, 3, 4, 4), dtype, device)
     x[0, 1] = float("-inf")
+    if row != "all -inf":
+        x[0, 1, 2, 2] = float("inf") if row.startswith("+inf") else float("nan")
+        x[0, 1, 3, 0] = 0.5
+    x.requires_grad_(True)
     stats = sparsity_ext.channel_stats(x)
     for out in stats:
         assert out[0, 1].isnan() and torch.isfinite(out[0, 0]) and torch.isfinite(out[1]).all()
+    # only the entropy of another row is differentiated: the poisoned row still gets NaN
+    g = torch.autograd.grad(stats.entropy[1].sum() + 0 * stats.entropy[0, 1], x)[0]
+    assert g[0, 1].isnan().all()
+    assert torch.isfinite(g[0, 0]).all() and torch.isfinite(g[1]).all()
+    x64 = x.detach().double().requires_grad_(True)
+    e = reference.channel_stats(x64).entropy
+    g64 = torch.autograd.grad(e[1].sum() + 0 * e[0, 1], x64)[0]
+    assert torch.equal(g.isnan(), g64.isnan())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -197,58 +210,147 @@ def test_empty_batch_or_channels_give_empty_results(device, shape):
     x = torch.randn(shape, device=device, requires_grad=True)
     stats = sparsity_ext.channel_stats(x)
     assert all(o.shape == shape[:2] for o in stats)
-    g = torch.autograd.grad(stats.sparsity.sum(), x, allow_unused=True)[0]
-    assert g is None or g.shape == x.shape
+    g = torch.autograd.grad(stats.sparsity.sum(), x)[0]
+    assert g.shape == x.shape and g.device == x.device and (g == 0).all()
 
 
-# --- bad input ------------------------------------------------------------------------
+# --- bad input: the public functions and the native ops raise the same -------------------
+
+
+def _raises_the_same(x, error_type, message):
+    """The public function and the native op (eager, fake/meta and fallback alike) raise
+    `error_type` with exactly `message`."""
+    with pytest.raises(error_type) as public:
+        sparsity_ext.channel_stats(x)
+    with pytest.raises(error_type) as native:
+        torch.ops.sparsity_ext.channel_stats_forward(x)
+    assert str(public.value) == message
+    assert str(native.value) == message
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool,
                                    torch.complex64])
 def test_non_floating_dtypes_are_rejected(dtype):
-    x = torch.ones(2, 3, 4, 4).to(dtype)
-    with pytest.raises(TypeError, match="floating-point"):
-        sparsity_ext.channel_stats(x)
-    with pytest.raises((TypeError, RuntimeError), match="floating-point"):
-        torch.ops.sparsity_ext.channel_stats_forward(x)
+    _raises_the_same(torch.ones(2, 3, 4, 4).to(dtype), TypeError,
+                     "sparsity_ext: x must be a floating-point tensor (float16, bfloat16, "
+                     f"float32 or float64), got {dtype}")
 
 
 @pytest.mark.parametrize("shape", [(), (5,), (2, 3)], ids=str)
 def test_fewer_than_three_dims_are_rejected(shape):
-    x = torch.randn(shape)
-    with pytest.raises(ValueError, match="at least one spatial dim"):
-        sparsity_ext.sparsity(x)
-    with pytest.raises(RuntimeError, match="at least one spatial dim"):
-        torch.ops.sparsity_ext.channel_stats_forward(x)
+    _raises_the_same(torch.randn(shape), ValueError,
+                     "sparsity_ext: x must have shape (N, C, *spatial) with at least one "
+                     f"spatial dim, got shape {list(shape)}")
 
 
-def test_zero_spatial_positions_are_rejected():
-    x = torch.randn(2, 3, 4, 0)
-    with pytest.raises(ValueError, match="zero spatial positions"):
-        sparsity_ext.entropy(x)
-    with pytest.raises(RuntimeError, match="zero spatial positions"):
-        torch.ops.sparsity_ext.channel_stats_forward(x)
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_zero_spatial_positions_are_rejected(device):
+    _raises_the_same(torch.randn(2, 3, 4, 0, device=device), ValueError,
+                     "sparsity_ext: x must have at least one spatial position, got shape "
+                     "[2, 3, 4, 0]")
+
+
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "nested", "jagged"])
+def test_sparse_nested_and_jagged_tensors_are_a_type_error(kind):
+    if kind == "nested":
+        x = torch.nested.nested_tensor([torch.randn(3, 4, 4), torch.randn(3, 5, 4)])
+    elif kind == "jagged":
+        x = torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(5, 4)],
+                                       layout=torch.jagged)
+    elif kind == "sparse_csr":
+        x = torch.randn(2, 3, 4, 4).to_sparse_csr(dense_dim=2)
+    else:
+        x = torch.randn(2, 3, 4, 4).to_sparse()
+    _raises_the_same(x, TypeError, "sparsity_ext: x must be a dense (strided) tensor; sparse, "
+                     "nested and other layouts are not supported")
 
 
 def test_not_a_tensor_is_rejected():
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match="^sparsity_ext: expected a torch.Tensor, got list$"):
         sparsity_ext.channel_stats([[[1.0]]])
 
 
-def test_backward_op_rejects_mismatched_arguments():
+def _backward_raises_the_same(args, error_type, message, grad_x=None):
+    """The native backward op (and its .out variant, and their fake kernels on meta
+    tensors) raise `error_type` with exactly `message`."""
+    calls = [lambda: torch.ops.sparsity_ext.channel_stats_backward(*args)]
+    if grad_x is not None:
+        calls.append(lambda: torch.ops.sparsity_ext.channel_stats_backward.out(
+            *args, grad_x=grad_x))
+    for call in calls:
+        with pytest.raises(error_type) as error:
+            call()
+        assert str(error.value) == message
+
+
+def test_backward_op_checks_every_argument():
     x = torch.randn(2, 3, 4, 4)
-    _, _, _, stats = torch.ops.sparsity_ext.channel_stats_forward(x)
+    stats = torch.ops.sparsity_ext.channel_stats_forward(x)[3]
     g = torch.randn(2, 3)
-    backward = torch.ops.sparsity_ext.channel_stats_backward
-    with pytest.raises(RuntimeError, match=r"grad_entropy must have shape"):
-        backward(x, stats, torch.randn(3, 2), g, g)
-    with pytest.raises(RuntimeError, match=r"row_stats must have shape"):
-        backward(x, stats[:2], g, g, g)
-    with pytest.raises((TypeError, RuntimeError), match=r"row_stats must have dtype"):
-        backward(x, stats.double(), g, g, g)
-    with pytest.raises((TypeError, RuntimeError), match=r"grad_sparsity must have the dtype"):
-        backward(x, stats, g, g, g.double())
+    out = torch.empty_like(x)
+    cases = [
+        ((x, stats, torch.randn(3, 2), g, g), ValueError,
+         "sparsity_ext: grad_entropy must have shape [2, 3], got [3, 2]"),
+        ((x, stats, g, torch.empty(0), g), ValueError,  # a missing grad as 0 elements
+         "sparsity_ext: grad_perplexity must have shape [2, 3], got [0]"),
+        ((x, stats[:2], g, g, g), ValueError,
+         "sparsity_ext: row_stats must have shape [3, 2, 3], got [2, 2, 3]"),
+        ((x, stats.double(), g, g, g), TypeError,
+         "sparsity_ext: row_stats must have dtype torch.float32, got torch.float64"),
+        ((x, stats, g, g, g.double()), TypeError,
+         "sparsity_ext: grad_sparsity must have dtype torch.float32, got torch.float64"),
+        ((x, stats, g.to("meta"), g, g), RuntimeError,  # used to return uninitialised memory
+         "sparsity_ext: all tensors must be on the same device, but x is on cpu and "
+         "grad_entropy is on meta"),
+        ((x.to("meta"), stats, g, g, g), RuntimeError,
+         "sparsity_ext: all tensors must be on the same device, but x is on meta and "
+         "row_stats is on cpu"),
+        ((x, stats, g.to_sparse(), g, g), TypeError,
+         "sparsity_ext: grad_entropy must be a dense (strided) tensor; sparse, nested and "
+         "other layouts are not supported"),
+        ((x.int(), stats, g, g, g), TypeError,
+         "sparsity_ext: x must be a floating-point tensor (float16, bfloat16, float32 or "
+         "float64), got torch.int32"),
+    ]
+    for args, error_type, message in cases:
+        _backward_raises_the_same(args, error_type, message, grad_x=out)
+
+
+def test_backward_out_checks_grad_x():
+    x = torch.randn(2, 3, 4, 4)
+    stats = torch.ops.sparsity_ext.channel_stats_forward(x)[3]
+    g = torch.randn(2, 3)
+    out = torch.ops.sparsity_ext.channel_stats_backward.out
+    for grad_x, error_type, message in [
+            (torch.empty(2, 3, 4), ValueError,
+             "sparsity_ext: grad_x must have shape [2, 3, 4, 4], got [2, 3, 4]"),
+            (torch.empty(2, 3, 4, 4, dtype=torch.float64), TypeError,
+             "sparsity_ext: grad_x must have dtype torch.float32, got torch.float64"),
+            (torch.empty(2, 3, 4, 4, device="meta"), RuntimeError,
+             "sparsity_ext: all tensors must be on the same device, but x is on cpu and "
+             "grad_x is on meta")]:
+        with pytest.raises(error_type) as error:
+            out(x, stats, g, g, g, grad_x=grad_x)
+        assert str(error.value) == message
+    # The kernels write grad_x densely, positions or channels innermost; nothing else.
+    strided = torch.empty(2, 3, 4, 8)[..., ::2]
+    with pytest.raises(ValueError) as error:
+        out(x, stats, g, g, g, grad_x=strided)
+    assert str(error.value) == ("sparsity_ext: grad_x must be dense with its positions or its "
+                                "channels unit-stride, got strides [96, 32, 8, 2]")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last"])
+def test_backward_out_reads_x_in_grad_x_layout(layout, grad_layout):
+    """x in any layout, grad_x in either dense layout: the same bits as the functional op."""
+    x = with_layout(random_input((2, 6, 5, 4), torch.float32), layout)
+    stats = torch.ops.sparsity_ext.channel_stats_forward(x)[3]
+    grads = [torch.randn(2, 6) for _ in range(3)]
+    expected = torch.ops.sparsity_ext.channel_stats_backward(x, stats, *grads)
+    grad_x = with_layout(torch.full((2, 6, 5, 4), float("nan")), grad_layout)
+    torch.ops.sparsity_ext.channel_stats_backward.out(x, stats, *grads, grad_x=grad_x)
+    assert torch.equal(grad_x, expected)
 
 
 # --- torch.library / torch.compile ----------------------------------------------------
@@ -265,6 +367,8 @@ def test_opcheck(device, dtype, layout):
     grads[1] = torch.randn(1, 1, device=device, dtype=dtype).expand(2, 5)
     torch.library.opcheck(torch.ops.sparsity_ext.channel_stats_backward.default,
                           (x, stats, *grads))
+    torch.library.opcheck(torch.ops.sparsity_ext.channel_stats_backward.out,
+                          (x, stats, *grads), {"grad_x": torch.empty_like(x)})
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -411,3 +515,120 @@ def test_float8_is_rejected_with_a_clear_message():
         pytest.skip("this torch has no float8")
     with pytest.raises(TypeError, match="floating-point"):
         sparsity_ext.entropy(torch.randn(2, 3, 4, 4).to(torch.float8_e4m3fn))
+
+
+# --- registration, dynamic shapes, export, TorchScript --------------------------------
+
+_FRESH_PROCESS = """
+import torch
+import sparsity_ext
+x = torch.randn(2, 3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+x.requires_grad_(True)
+native = torch.ops.sparsity_ext.channel_stats_forward(x)   # right after import
+public = sparsity_ext.channel_stats(x)
+assert all(torch.equal(a, b) for a, b in zip(native[:3], public))
+g = torch.autograd.grad(native[2].sum(), x)[0]
+x64 = x.detach().requires_grad_(True)
+exact = torch.autograd.grad(sparsity_ext.reference.sparsity(x64).sum(), x64)[0]
+torch.testing.assert_close(g, exact, rtol=1e-9, atol=1e-12)
+print(sparsity_ext._extension.load().describe())
+"""
+
+
+@pytest.mark.parametrize("extension", ["loaded", "disabled"])
+def test_ops_exist_and_differentiate_right_after_import_in_a_fresh_process(extension):
+    """Also with the extension disabled: then the reference kernels serve the same ops."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    if extension == "disabled":
+        env["SPARSITY_EXT_NO_EXTENSION"] = "1"
+    result = subprocess.run([sys.executable, "-c", _FRESH_PROCESS], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    loaded = "compiled operator loaded" in result.stdout
+    assert loaded == (extension == "loaded"), result.stdout
+
+
+def test_compile_dynamic_one_graph_for_ten_spatial_sizes():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def loss_fn(x):
+        stats = sparsity_ext.channel_stats(x)
+        return stats.sparsity.sum() + stats.entropy.sum()
+
+    compiled_loss = torch.compile(loss_fn, backend=counter, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for h in range(4, 14):  # sizes distinct from N and C, so no duck-sized equality
+        x = torch.randn(2, 3, h, h + 3, generator=g, requires_grad=True)
+        value = compiled_loss(x)
+        (grad,) = torch.autograd.grad(value, x)
+        x64 = x.detach().double().requires_grad_(True)
+        exact = loss_fn_reference(x64)
+        torch.testing.assert_close(value.double(), exact, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(grad.double(), torch.autograd.grad(exact, x64)[0],
+                                   rtol=1e-4, atol=1e-6)
+    assert counter.frame_count == 1, counter.frame_count
+    graph = counter.graphs[0].print_readable(print_output=False)
+    assert "sparsity_ext.channel_stats_forward" in graph
+
+
+def loss_fn_reference(x):
+    stats = reference.channel_stats(x)
+    return stats.sparsity.sum() + stats.entropy.sum()
+
+
+def test_export_with_dynamic_batch_channels_and_spatial_dims():
+    from torch.export import Dim
+
+    class Sparsity(torch.nn.Module):
+        def forward(self, x):
+            return sparsity_ext.channel_stats(x).sparsity
+
+    g = torch.Generator().manual_seed(0)
+    dims = {0: Dim("n", min=1), 1: Dim("c", min=1), 2: Dim("h", min=2), 3: Dim("w", min=2)}
+    program = torch.export.export(Sparsity(), (torch.randn(2, 3, 5, 6, generator=g),),
+                                  dynamic_shapes={"x": dims})
+    assert "sparsity_ext.channel_stats_forward" in str(program.graph)
+    for shape in [(4, 7, 9, 3), (1, 2, 2, 11)]:
+        x = torch.randn(shape, generator=g)
+        torch.testing.assert_close(program.module()(x).double(),
+                                   reference.sparsity(x.double()), rtol=1e-5, atol=1e-6)
+
+
+def test_torchscript_trace_and_script():
+    """What the README says: trace records the native op; script runs the public functions
+    through Python (so a scripted module cannot be saved unless it calls torch.ops)."""
+    import io
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 4, generator=g, requires_grad=True)
+    traced = torch.jit.trace(sparsity_ext.entropy, (x,))
+    assert "sparsity_ext::channel_stats_forward" in str(traced.graph)
+    y = torch.randn(3, 2, 6, 7, generator=g, requires_grad=True)
+    assert torch.equal(traced(y), sparsity_ext.entropy(y))
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            return sparsity_ext.sparsity(x) + torch.ops.sparsity_ext.channel_stats_forward(x)[0]
+
+    scripted = torch.jit.script(Model())
+    assert torch.equal(scripted(y), Model()(y))
+    (grad,) = torch.autograd.grad(scripted(y).sum(), y)
+    assert torch.equal(grad, torch.autograd.grad(Model()(y).sum(), y)[0])
+    with pytest.raises(RuntimeError, match="Could not export Python function call 'sparsity'"):
+        torch.jit.save(scripted, io.BytesIO())
+
+    @torch.jit.script
+    def saved_entropy(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.sparsity_ext.channel_stats_forward(x)[0]
+
+    buffer = io.BytesIO()
+    torch.jit.save(saved_entropy, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.jit.load(buffer)(y), sparsity_ext.entropy(y))

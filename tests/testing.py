@@ -65,7 +65,7 @@ def low_precision_reference(x: torch.Tensor) -> reference.ChannelStats:
     entropy = -(log_p.exp() * log_p).sum(-1)
     perplexity = entropy.exp()
     length = rows.shape[-1]
-    sparsity = (length - perplexity) / (length - 1) if length > 1 else perplexity * 0
+    sparsity = (perplexity - length) * reference.sparsity_slope(length)
     return reference.ChannelStats(entropy, perplexity, sparsity)
 
 

@@ -13,6 +13,10 @@
 // d = max(x - max, floor) and one coef per row (see entropy_state.h for the derivation).
 #include "channel_stats_cpu.h"
 
+#if !defined(CPU_CAPABILITY)
+#error "compile once per CPU capability with -DCPU_CAPABILITY=<cap> (see cpu_capability.h)"
+#endif
+
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -624,7 +628,10 @@ struct BackwardKernel {
 
 }  // namespace
 
+// This build's entry points (one build per CPU capability: see cpu_capability.h).
+namespace CPU_CAPABILITY {
 void channel_stats_forward_cpu(const ForwardParams& p) { dispatch<ForwardKernel>(p); }
 void channel_stats_backward_cpu(const BackwardParams& p) { dispatch<BackwardKernel>(p); }
+}  // namespace CPU_CAPABILITY
 
 }  // namespace sparsity_ext

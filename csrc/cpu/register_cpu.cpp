@@ -1,4 +1,5 @@
-// CPU registration of the channel_stats operators: tensors -> params -> kernel.
+// CPU registration of the channel_stats operators: tensors -> params -> the kernel build
+// for this process's CPU capability (cpu_capability.h).
 #include <torch/library.h>
 
 #include <cstdint>
@@ -7,7 +8,7 @@
 #include <sys/mman.h>
 #endif
 
-#include "../launch.h"
+#include "../host_prepare.h"
 #include "channel_stats_cpu.h"
 
 namespace sparsity_ext {
@@ -15,7 +16,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x) {
   ForwardCall call = prepare_forward(x);
-  if (call.entropy.numel() > 0) channel_stats_forward_cpu(call.params);
+  if (call.entropy.numel() > 0) SPARSITY_EXT_CPU_KERNEL(channel_stats_forward_cpu)(call.params);
   return call.outputs();
 }
 
@@ -33,22 +34,21 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-at::Tensor backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
-                        const at::Tensor& grad_entropy, const at::Tensor& grad_perplexity,
-                        const at::Tensor& grad_sparsity) {
-  BackwardCall call =
-      prepare_backward(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity);
-  if (call.grad_x.numel() == 0) return call.grad_x;
-  advise_huge_pages(call.grad_x);
-  channel_stats_backward_cpu(call.params);
-  return call.grad_x;
+void backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
+                   const at::Tensor& grad_entropy, const at::Tensor& grad_perplexity,
+                   const at::Tensor& grad_sparsity, at::Tensor& grad_x) {
+  const BackwardCall call =
+      prepare_backward(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity, grad_x);
+  if (grad_x.numel() == 0) return;
+  advise_huge_pages(grad_x);
+  SPARSITY_EXT_CPU_KERNEL(channel_stats_backward_cpu)(call.params);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsity_ext, CPU, m) {
   m.impl("channel_stats_forward", &forward_cpu);
-  m.impl("channel_stats_backward", &backward_cpu);
+  m.impl("channel_stats_backward.out", &backward_cpu);
 }
 
 }  // namespace sparsity_ext

@@ -94,15 +94,43 @@ def _cifar10_folder(data_dir: str | None) -> Path:
     )
 
 
+CIFAR10_IMAGE_SIZE = 3 * 32 * 32  # values per image: 3 colour planes of 32 x 32, row-major
+CIFAR10_CLASSES = 10
+
+
 def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One python batch of cifar-10-python.tar.gz: a pickled dict whose ``data`` holds ``(n,
+    3072)`` pixels 0-255 and ``labels`` n class numbers 0-9. Returns ``(n, 3, 32, 32)`` uint8
+    pixels and ``(n,)`` int64 labels; anything else raises ConfigError naming the file."""
     try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
-        x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        y = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, TypeError, KeyError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - unpickling garbage can raise almost anything
         raise ConfigError(f"{path} is not a CIFAR-10 python batch ({error})") from None
-    return x, y
+    if not isinstance(batch, dict) or not {b"data", b"labels"} <= batch.keys():
+        raise ConfigError(f"{path} is not a CIFAR-10 python batch (no data and labels entries)")
+    try:
+        pixels, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    except ValueError as error:  # ragged lists
+        raise ConfigError(
+            f"{path} is not a valid CIFAR-10 batch: data or labels is not an array ({error})"
+        ) from None
+    problem = None
+    if pixels.ndim != 2 or pixels.shape[1] != CIFAR10_IMAGE_SIZE or len(pixels) == 0:
+        problem = f"data must have shape (images, {CIFAR10_IMAGE_SIZE}), got {pixels.shape}"
+    elif not np.issubdtype(pixels.dtype, np.integer):
+        problem = f"pixels must be whole numbers 0-255 (uint8), got {pixels.dtype}"
+    elif pixels.min() < 0 or pixels.max() > 255:
+        problem = f"pixels must lie in 0-255, got {pixels.min()} to {pixels.max()}"
+    elif labels.shape != (len(pixels),):
+        problem = f"{len(pixels)} images but labels of shape {labels.shape}"
+    elif not np.issubdtype(labels.dtype, np.integer):
+        problem = f"labels must be whole numbers 0-9, got {labels.dtype}"
+    elif labels.min() < 0 or labels.max() >= CIFAR10_CLASSES:
+        problem = f"labels must lie in 0-9, got {labels.min()} to {labels.max()}"
+    if problem:
+        raise ConfigError(f"{path} is not a valid CIFAR-10 batch: {problem}")
+    return pixels.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def load_cifar10(
@@ -121,7 +149,9 @@ def load_cifar10(
     train_x, train_y = _subset(train_x, train_y, 5000 if train_size is None else train_size, rng)
     test_x, test_y = _subset(test_x, test_y, 2000 if test_size is None else test_size, rng)
     train_t, test_t = _normalise(train_x.astype(np.float32) / 255, test_x.astype(np.float32) / 255)
-    return Splits(train_t, torch.from_numpy(train_y), test_t, torch.from_numpy(test_y), 10)
+    return Splits(
+        train_t, torch.from_numpy(train_y), test_t, torch.from_numpy(test_y), CIFAR10_CLASSES
+    )
 
 
 def with_label_noise(data: Splits, rate: float, seed: int) -> Splits:

@@ -80,6 +80,8 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(
             f"--device {name!r} is not a device name (try cpu, cuda, cuda:1)"
         ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: not a compute device (try cpu, cuda, cuda:1)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name}: CUDA is not available on this machine")
@@ -178,7 +180,7 @@ def _log_epoch(writer, epoch: int, metrics: dict, records) -> None:
 def train(config: TrainConfig) -> dict:
     """Run the job described by ``config``; rank 0 writes every output into ``config.out``.
 
-    Outputs: history.csv (epoch, split, layer, sparsity, entropy, rows), metrics.csv
+    Outputs: history.csv (the fields of SparsityRecord), metrics.csv
     (epoch, train_loss, test_loss, train_acc, test_acc), summary.json, channel_maps.npz,
     the PNG plots, and TensorBoard events when tensorboard is installed.
     Returns the summary (the same dict on every rank).

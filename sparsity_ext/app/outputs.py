@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from ..overfitting import OverfittingWarning
+from .run_files import CHANNEL_MAPS_NPZ, HISTORY_CSV, METRICS_CSV, SUMMARY_JSON, atomic_open
 
 __all__ = ["summarise", "write_outputs"]
 
@@ -52,12 +53,17 @@ def write_outputs(
     summary: dict,
     channel_maps: dict[str, torch.Tensor],
 ) -> None:
+    """Write the run's files into ``out`` (created if needed), each atomically
+    (:func:`~sparsity_ext.app.run_files.atomic_open`), then draw the plots from them."""
     from . import plots
 
     out.mkdir(parents=True, exist_ok=True)
-    history.to_csv(out / "history.csv", index=False)
-    metrics.to_csv(out / "metrics.csv", index=False)
-    with open(out / "summary.json", "w") as f:
+    with atomic_open(out / HISTORY_CSV) as f:
+        history.to_csv(f, index=False)
+    with atomic_open(out / METRICS_CSV) as f:
+        metrics.to_csv(f, index=False)
+    with atomic_open(out / SUMMARY_JSON) as f:
         json.dump(summary, f, indent=2)
-    np.savez_compressed(out / "channel_maps.npz", **{k: v.numpy() for k, v in channel_maps.items()})
+    with atomic_open(out / CHANNEL_MAPS_NPZ, "wb") as f:
+        np.savez_compressed(f, **{k: v.numpy() for k, v in channel_maps.items()})
     plots.plot_run(out)

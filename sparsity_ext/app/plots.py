@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..overfitting import OverfittingWarning, overfitting_warning
+from .run_files import atomic_open, read_run
 
 __all__ = ["plot_channel_maps", "plot_run", "plot_sparsity_curves", "plot_sparsity_heatmap"]
 
@@ -164,25 +165,17 @@ def plot_channel_maps(maps: dict[str, np.ndarray], path: str | os.PathLike) -> P
 
 
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:
-    """Redraw every PNG of a run from its history.csv, metrics.csv and channel_maps.npz."""
-    run = Path(run_dir)
-    missing = [name for name in ("history.csv", "metrics.csv") if not (run / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{run} is not a run folder: {', '.join(missing)} missing")
-    history = pd.read_csv(run / "history.csv")
-    metrics = pd.read_csv(run / "metrics.csv")
-    if history.empty or metrics.empty:
-        raise ValueError(f"{run}: history.csv or metrics.csv has no rows to plot")
+    """Redraw every PNG of a run from its history.csv, metrics.csv and channel_maps.npz,
+    read and checked by :func:`~sparsity_ext.app.run_files.read_run` (which raises
+    RunFileError naming a missing or malformed file)."""
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
     written = [
-        plot_sparsity_curves(history, metrics, run / CURVES_PNG),
-        plot_sparsity_heatmap(history, run / HEATMAP_PNG),
+        plot_sparsity_curves(run.history, run.metrics, run_dir / CURVES_PNG),
+        plot_sparsity_heatmap(run.history, run_dir / HEATMAP_PNG),
     ]
-    if (run / "channel_maps.npz").is_file():
-        with np.load(run / "channel_maps.npz") as maps:
-            if maps.files:
-                written.append(
-                    plot_channel_maps({k: maps[k] for k in maps.files}, run / CHANNEL_MAPS_PNG)
-                )
+    if run.channel_maps:
+        written.append(plot_channel_maps(run.channel_maps, run_dir / CHANNEL_MAPS_PNG))
     return written
 
 
@@ -195,5 +188,6 @@ def _layer_colours(count: int) -> list:
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=110)
     return path

@@ -1,5 +1,7 @@
-// Host side shared by every device: checks the tensors, picks the memory layout,
-// allocates the outputs and fills the plain params structs the kernels take.
+// Host side shared by every device, between the registered op and the torch-free kernels:
+// checks every tensor argument, picks how x is read, allocates the forward's outputs and
+// fills the plain params structs the kernels take. grad_x is allocated by the caller (the
+// layout rule lives in sparsity_ext/ops.py) and only checked here.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,16 +22,16 @@ struct ForwardCall {
 };
 
 struct BackwardCall {
-  at::Tensor x;
-  at::Tensor row_stats, grad_entropy, grad_perplexity, grad_sparsity;  // kept alive
-  at::Tensor grad_x;
+  at::Tensor x;          // x itself, or one copy in grad_x's layout
+  at::Tensor row_stats;  // contiguous
   BackwardParams params;
 };
 
 ForwardCall prepare_forward(const at::Tensor& x);
 
+// grad_x: shape, dtype and device of x, dense, positions or channels unit-stride.
 BackwardCall prepare_backward(
     const at::Tensor& x, const at::Tensor& row_stats, const at::Tensor& grad_entropy,
-    const at::Tensor& grad_perplexity, const at::Tensor& grad_sparsity);
+    const at::Tensor& grad_perplexity, const at::Tensor& grad_sparsity, at::Tensor& grad_x);
 
 }  // namespace sparsity_ext
