@@ -74,7 +74,8 @@ def _finished(config: TrainConfig) -> dict | None:
     same = all(
         recorded.get(k) == v
         for k, v in wanted.items()
-        if k != "progress" and not (k == "lr" and v is None)  # None: the optimizer's default
+        if k not in ("out", "progress")  # a moved study folder is still the same study
+        and not (k == "lr" and v is None)  # None: the optimizer's default
     )
     return summary if same and "online_signal" in summary else None
 
