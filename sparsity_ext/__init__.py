@@ -15,6 +15,7 @@ from .ops import (
 )
 from .monitor import SparsityMonitor, SparsityPenalty, SparsityRecord
 from .overfitting import OverfittingWarning, overfitting_warning
+from .early_stopping import SparsityEarlyStopping
 
 __all__ = [
     "ChannelStats",
@@ -29,5 +30,6 @@ __all__ = [
     "SparsityRecord",
     "OverfittingWarning",
     "overfitting_warning",
+    "SparsityEarlyStopping",
 ]
 __version__ = "0.1.0"
