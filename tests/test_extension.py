@@ -147,7 +147,9 @@ def test_truncated_cached_library_is_rebuilt_and_the_process_lives(tmp_path):
     assert second.returncode == 0, second.stderr  # alive: no SIGBUS (returncode -7)
     assert f"is {size // 2} bytes where its build wrote {size}" in second.stderr
     assert "RuntimeWarning" not in second.stderr  # rebuilt, not fallen back
-    assert _extension._damage(library) is None and library.stat().st_size == size
+    # Rebuilt whole and recorded anew (its size may differ from the copied build's: paths
+    # compiled into it differ).
+    assert _extension._damage(library) is None and library.stat().st_size > size // 2
 
 
 @pytest.mark.skipif(_extension.cuda_home() is None,
