@@ -1,4 +1,5 @@
 #include "launch.h"
+#include "l1_launch.h"
 
 #include <ATen/ATen.h>
 
@@ -152,6 +153,80 @@ BackwardCall prepare_backward(
   RowStrides grad_x_strides;
   std::tie(call.grad_x, grad_x_strides) = allocate_dense_like(input, resolved.layout);
   BackwardParams& p = call.params;
+  p.x = call.x.const_data_ptr();
+  p.row_stats = call.row_stats.const_data_ptr();
+  p.grad_entropy = grad_entropy.const_data_ptr();
+  p.grad_perplexity = grad_perplexity.const_data_ptr();
+  p.grad_sparsity = grad_sparsity.const_data_ptr();
+  const at::Tensor* grads[3] = {&grad_entropy, &grad_perplexity, &grad_sparsity};
+  for (int k = 0; k < 3; ++k) {
+    p.grad_strides[k][0] = grads[k]->stride(0);
+    p.grad_strides[k][1] = grads[k]->stride(1);
+  }
+  p.grad_x = call.grad_x.mutable_data_ptr();
+  p.batch = n;
+  p.channels = c;
+  p.positions = positions_of(input);
+  p.layout = resolved.layout;
+  p.dtype = scalar_kind(input);
+  p.x_strides = resolved.strides;
+  p.grad_x_strides = grad_x_strides;
+  return call;
+}
+
+}  // namespace sparsity_ext
+
+// --- l1_stats (l1_launch.h): the same input checks, layout resolution and grad_x allocation
+// as channel_stats; only row_stats differs, (4, N, C).
+
+namespace sparsity_ext {
+
+L1ForwardCall prepare_l1_forward(const at::Tensor& input) {
+  check_input(input);
+  L1ForwardCall call;
+  call.x = input;
+  const ResolvedLayout resolved = resolve_layout(call.x);
+  const int64_t n = input.size(0), c = input.size(1);
+  call.entropy = at::empty({n, c}, input.options());
+  call.perplexity = at::empty({n, c}, input.options());
+  call.sparsity = at::empty({n, c}, input.options());
+  call.row_stats = at::empty({kL1Stats, n, c}, input.options().dtype(accumulation_type(input)));
+  call.params = L1ForwardParams{call.x.const_data_ptr(), call.entropy.mutable_data_ptr(),
+                                call.perplexity.mutable_data_ptr(),
+                                call.sparsity.mutable_data_ptr(), call.row_stats.mutable_data_ptr(),
+                                n, c, positions_of(input), resolved.layout, scalar_kind(input),
+                                resolved.strides};
+  return call;
+}
+
+L1BackwardCall prepare_l1_backward(
+    const at::Tensor& input, const at::Tensor& row_stats, const at::Tensor& grad_entropy,
+    const at::Tensor& grad_perplexity, const at::Tensor& grad_sparsity) {
+  check_input(input);
+  const int64_t n = input.size(0), c = input.size(1);
+  TORCH_CHECK(row_stats.dim() == 3 && row_stats.size(0) == kL1Stats && row_stats.size(1) == n &&
+                  row_stats.size(2) == c,
+              "sparsity_ext: l1 row_stats must have shape (4, N, C) = (4, ", n, ", ", c,
+              "), got ", row_stats.sizes());
+  TORCH_CHECK_TYPE(row_stats.scalar_type() == accumulation_type(input),
+                   "sparsity_ext: row_stats must have dtype ", accumulation_type(input), ", got ",
+                   row_stats.scalar_type());
+  TORCH_CHECK(row_stats.device() == input.device(), "sparsity_ext: row_stats is on ",
+              row_stats.device(), " but x is on ", input.device());
+  check_grad(grad_entropy, input, "grad_entropy");
+  check_grad(grad_perplexity, input, "grad_perplexity");
+  check_grad(grad_sparsity, input, "grad_sparsity");
+
+  L1BackwardCall call;
+  call.x = input;
+  const ResolvedLayout resolved = resolve_layout(call.x);
+  call.row_stats = row_stats.contiguous();
+  call.grad_entropy = grad_entropy;
+  call.grad_perplexity = grad_perplexity;
+  call.grad_sparsity = grad_sparsity;
+  RowStrides grad_x_strides;
+  std::tie(call.grad_x, grad_x_strides) = allocate_dense_like(input, resolved.layout);
+  L1BackwardParams& p = call.params;
   p.x = call.x.const_data_ptr();
   p.row_stats = call.row_stats.const_data_ptr();
   p.grad_entropy = grad_entropy.const_data_ptr();

@@ -19,4 +19,11 @@ TORCH_LIBRARY(sparsity_ext, m) {
   m.def(
       "channel_stats_backward(Tensor x, Tensor row_stats, Tensor grad_entropy, "
       "Tensor grad_perplexity, Tensor grad_sparsity) -> Tensor");
+  // The scale-invariant L1 measure (csrc/l1_state.h): p_i = max(x_i, 0) / S. Outputs as
+  // above; row_stats (4, N, C) in the accumulation dtype: S, T/S (0 for a dead row), the
+  // count of x_i <= 0 and the sum of x_i, so one read of x serves the monitor too.
+  m.def("l1_stats_forward(Tensor x) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "l1_stats_backward(Tensor x, Tensor row_stats, Tensor grad_entropy, "
+      "Tensor grad_perplexity, Tensor grad_sparsity) -> Tensor");
 }

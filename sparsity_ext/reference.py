@@ -13,21 +13,36 @@ Sums are taken relative to the row maximum so that rows far from zero keep their
 precision. ``-inf`` positions are masked (probability 0, zero gradient); NaN or
 ``+inf`` anywhere in a row, or a row of only ``-inf``, gives NaN for that row.
 
+With ``normalize="l1"`` the row is normalised by its L1 norm instead (the scale-invariant
+companion of DESIGN.md): with ``a = max(x, 0)`` and ``p_i = a_i / S``::
+
+    S  = sum_i a_i,   T = sum_i a_i log a_i    (0 log 0 = 0)
+    H  = log S - T / S,   PP = exp(H),   SP = (L - PP) / (L - 1)
+
+``H`` does not change when a row is scaled by ``c > 0``. A *dead* row (no positive value,
+``S == 0``) gets ``H = log L, PP = L, SP = 0`` (the values of a uniform row) and zero
+gradient. ``-inf`` is just a non-positive value; NaN or ``+inf`` in a row gives NaN. The
+gradient is ``dH/dx_i = -(log a_i - T/S) / S`` for ``x_i > 0`` and exactly 0 where
+``x_i <= 0`` (the ReLU convention), also in a NaN row, whose other positions get NaN.
+
 Every compiled path is tested against these functions, and they are the fallback
 wherever the compiled extension is not available. Differentiable by autograd.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 __all__ = ["ChannelStats", "channel_stats", "entropy", "perplexity", "sparsity",
-           "accumulation_dtype", "check_input", "SUPPORTED_DTYPES"]
+           "l1_row_stats", "accumulation_dtype", "check_input", "SUPPORTED_DTYPES",
+           "NORMALIZATIONS"]
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NORMALIZATIONS = ("softmax", "l1")
 
 
 class ChannelStats(NamedTuple):
@@ -64,8 +79,15 @@ def check_input(x: torch.Tensor) -> None:
         )
 
 
-def channel_stats(x: torch.Tensor) -> ChannelStats:
-    """Entropy, perplexity and sparsity of every ``(n, c)`` row of ``x`` (see module doc)."""
+def channel_stats(x: torch.Tensor, normalize: str = "softmax") -> ChannelStats:
+    """Entropy, perplexity and sparsity of every ``(n, c)`` row of ``x`` (see module doc).
+
+    ``normalize``: ``"softmax"`` (the paper's measure) or ``"l1"`` (scale invariant).
+    """
+    if normalize == "l1":
+        return _l1_channel_stats(x)
+    if normalize != "softmax":
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     check_input(x)
     acc = accumulation_dtype(x.dtype)
     rows = x.flatten(2).to(acc)
@@ -87,16 +109,64 @@ def channel_stats(x: torch.Tensor) -> ChannelStats:
     return ChannelStats(entropy.to(x.dtype), perplexity.to(x.dtype), sparsity.to(x.dtype))
 
 
-def entropy(x: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of the spatial softmax of every row, shape ``(N, C)``."""
-    return channel_stats(x).entropy
+def entropy(x: torch.Tensor, normalize: str = "softmax") -> torch.Tensor:
+    """Entropy (nats) of the spatial softmax (or L1 normalisation) of every row, ``(N, C)``."""
+    return channel_stats(x, normalize).entropy
 
 
-def perplexity(x: torch.Tensor) -> torch.Tensor:
+def perplexity(x: torch.Tensor, normalize: str = "softmax") -> torch.Tensor:
     """Perplexity ``exp(entropy)`` of every row, shape ``(N, C)``."""
-    return channel_stats(x).perplexity
+    return channel_stats(x, normalize).perplexity
 
 
-def sparsity(x: torch.Tensor) -> torch.Tensor:
+def sparsity(x: torch.Tensor, normalize: str = "softmax") -> torch.Tensor:
     """Sparsity ``(L - perplexity) / (L - 1)`` of every row, shape ``(N, C)``."""
-    return channel_stats(x).sparsity
+    return channel_stats(x, normalize).sparsity
+
+
+# --- the L1 measure -------------------------------------------------------------------
+
+
+def _l1_sums(x: torch.Tensor):
+    """``(rows, not_live, S, T/S)`` of ``x`` in the accumulation dtype; ``rows`` is
+    ``(N, C, L)``, the others ``(N, C)`` except ``not_live`` (``x <= 0``, ``(N, C, L)``).
+
+    Differentiable with the ReLU convention: both ``torch.where`` branches stay finite at
+    ``x <= 0`` (log of 1, not of 0), so those positions get exactly 0 gradient, never NaN.
+    NaN is live (``NaN <= 0`` is False), so it reaches S and T and poisons its row.
+    """
+    check_input(x)
+    rows = x.flatten(2).to(accumulation_dtype(x.dtype))
+    not_live = rows <= 0
+    a = torch.where(not_live, 0.0, rows)
+    log_a = torch.where(not_live, 0.0, torch.where(not_live, 1.0, rows).log())
+    s = a.sum(dim=-1)
+    t = (a * log_a).sum(dim=-1)
+    # Dead rows (S == 0) divide by 1 instead: T is 0 there, so T/S is stored as 0.
+    mean_log = t / torch.where(s == 0, 1.0, s)
+    return rows, not_live, s, mean_log
+
+
+def l1_row_stats(x: torch.Tensor) -> torch.Tensor:
+    """``(4, N, C)`` per-row statistics of the L1 measure in the accumulation dtype:
+    ``[S, T/S (0 for a dead row), count of x_i <= 0 (-inf included), sum_i x_i]``,
+    the ``row_stats`` of ``torch.ops.sparsity_ext.l1_stats_forward``."""
+    rows, not_live, s, mean_log = _l1_sums(x)
+    return torch.stack([s, mean_log, not_live.sum(dim=-1).to(rows.dtype), rows.sum(dim=-1)])
+
+
+def _l1_channel_stats(x: torch.Tensor) -> ChannelStats:
+    rows, _, s, mean_log = _l1_sums(x)
+    length = rows.shape[-1]
+    dead = s == 0  # no positive value; a NaN row has S = NaN and is not dead
+    # log of 1 on dead rows, whose value is replaced below: no inf or NaN in any gradient.
+    entropy = torch.where(dead, 1.0, s).log() - mean_log
+    entropy = torch.where(dead, math.log(length), entropy)
+    if length == 1:
+        entropy = entropy * 0  # exactly 0 (log a - (a log a)/a may round); NaN stays NaN
+    perplexity = torch.where(dead, float(length), entropy.exp())
+    if length > 1:
+        sparsity = (length - perplexity) / (length - 1)
+    else:
+        sparsity = perplexity * 0
+    return ChannelStats(entropy.to(x.dtype), perplexity.to(x.dtype), sparsity.to(x.dtype))

@@ -9,6 +9,8 @@
 
 #include "../launch.h"
 #include "channel_stats_cpu.h"
+#include "../l1_launch.h"
+#include "l1_stats_cpu.h"
 
 namespace sparsity_ext {
 namespace {
@@ -44,11 +46,30 @@ at::Tensor backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
   return call.grad_x;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> l1_forward_cpu(const at::Tensor& x) {
+  L1ForwardCall call = prepare_l1_forward(x);
+  if (call.entropy.numel() > 0) l1_stats_forward_cpu(call.params);
+  return call.outputs();
+}
+
+at::Tensor l1_backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
+                           const at::Tensor& grad_entropy, const at::Tensor& grad_perplexity,
+                           const at::Tensor& grad_sparsity) {
+  L1BackwardCall call =
+      prepare_l1_backward(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity);
+  if (call.grad_x.numel() == 0) return call.grad_x;
+  advise_huge_pages(call.grad_x);
+  l1_stats_backward_cpu(call.params);
+  return call.grad_x;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsity_ext, CPU, m) {
   m.impl("channel_stats_forward", &forward_cpu);
   m.impl("channel_stats_backward", &backward_cpu);
+  m.impl("l1_stats_forward", &l1_forward_cpu);
+  m.impl("l1_stats_backward", &l1_backward_cpu);
 }
 
 }  // namespace sparsity_ext
