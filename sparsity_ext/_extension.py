@@ -34,7 +34,7 @@ if (torch.version.cuda is not None and "CUDA_HOME" not in os.environ
     os.environ["CUDA_HOME"] = str(_STANDARD_CUDA_HOME)
 CPU_SOURCES = ("ops.cpp", "launch.cpp", "cpu/channel_stats_cpu.cpp", "cpu/l1_stats_cpu.cpp",
                "cpu/register_cpu.cpp")
-CUDA_SOURCES = ("cuda/channel_stats_cuda.cu", "cuda/register_cuda.cpp")
+CUDA_SOURCES = ("cuda/channel_stats_cuda.cu", "cuda/l1_stats_cuda.cu", "cuda/register_cuda.cpp")
 # Ahead-of-time CUDA builds, and `build --cuda` on a machine without a GPU.
 PORTABLE_CUDA_ARCHS = ("8.0", "9.0+PTX")
 

@@ -10,6 +10,8 @@
 
 #include "../launch.h"
 #include "channel_stats_cuda.h"
+#include "../l1_launch.h"
+#include "l1_stats_cuda.h"
 
 namespace sparsity_ext {
 namespace {
@@ -64,10 +66,44 @@ at::Tensor channel_stats_backward_cuda_op(const at::Tensor& x, const at::Tensor&
   return call.grad_x;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> l1_stats_forward_cuda_op(
+    const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "sparsity_ext: expected x on a CUDA device, got ", x.device());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const L1ForwardCall call = prepare_l1_forward(x);
+  if (call.entropy.numel() > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    run_launch([&] { l1_stats_forward_cuda(call.params, stream); });
+  }
+  return call.outputs();
+}
+
+at::Tensor l1_stats_backward_cuda_op(const at::Tensor& x, const at::Tensor& row_stats,
+                                     const at::Tensor& grad_entropy,
+                                     const at::Tensor& grad_perplexity,
+                                     const at::Tensor& grad_sparsity) {
+  TORCH_CHECK(x.is_cuda(), "sparsity_ext: all tensors must be on the same CUDA device, but x ",
+              "is on ", x.device());
+  check_same_cuda_device(x, row_stats, "row_stats");
+  check_same_cuda_device(x, grad_entropy, "grad_entropy");
+  check_same_cuda_device(x, grad_perplexity, "grad_perplexity");
+  check_same_cuda_device(x, grad_sparsity, "grad_sparsity");
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const L1BackwardCall call =
+      prepare_l1_backward(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity);
+  if (call.grad_x.numel() > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    run_launch([&] { l1_stats_backward_cuda(call.params, stream); });
+  }
+  return call.grad_x;
+}
+
 }  // namespace
 }  // namespace sparsity_ext
 
 TORCH_LIBRARY_IMPL(sparsity_ext, CUDA, m) {
   m.impl("channel_stats_forward", &sparsity_ext::channel_stats_forward_cuda_op);
   m.impl("channel_stats_backward", &sparsity_ext::channel_stats_backward_cuda_op);
+  m.impl("l1_stats_forward", &sparsity_ext::l1_stats_forward_cuda_op);
+  m.impl("l1_stats_backward", &sparsity_ext::l1_stats_backward_cuda_op);
 }
