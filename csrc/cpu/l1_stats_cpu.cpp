@@ -72,6 +72,41 @@ struct Pack {
   }
 };
 
+#if defined(CPU_CAPABILITY_AVX512)
+// log(x) for x > 0 (+inf and NaN give NaN: their row is NaN anyway): x = 2^e m with
+// m in [0.75, 1.5), and
+// log(m) = u Q(u), u = m - 1, Q a degree-8 Chebyshev interpolant of log1p(u)/u on
+// [-0.25, 0.5] (relative error 1.6e-7 evaluated in float, about 1 ulp). getmant/getexp
+// handle subnormal x. Measured here about 5x cheaper than Sleef's logf (u10), which is
+// what at::vec's log() calls and what made the forward log-bound.
+inline __m512 log_positive(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+  __m512 e = _mm512_getexp_ps(x);  // floor(log2 x); one more when m came out below 1
+  e = _mm512_mask_add_ps(e, _mm512_cmp_ps_mask(m, one, _CMP_LT_OQ), e, one);
+  const __m512 u = _mm512_sub_ps(m, one);
+  __m512 q = _mm512_set1_ps(5.295106396e-02f);
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-1.195682511e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(1.497289687e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-1.683569551e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(1.997903287e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-2.499291599e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(3.333350420e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-5.000007153e-01f));
+  q = _mm512_fmadd_ps(q, u, one);
+  // e * log(2) with log(2) split in two floats: exact enough for |e| up to 149.
+  const __m512 log_m = _mm512_fmadd_ps(e, _mm512_set1_ps(-1.904654323e-09f), _mm512_mul_ps(u, q));
+  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693147182464599609375f), log_m);
+}
+#endif
+
+// log of the live lanes (!(x <= 0): x > 0, +inf, NaN); 0 on the others, whose log is never
+// used (log(1) = 0 rather than log(0) = -inf, so a * log a is 0 there, not 0 * -inf).
+template <typename acc_t>
+inline Vectorized<acc_t> log_of_live(const Vectorized<acc_t>& x, const Vectorized<acc_t>& not_live) {
+  return Vectorized<acc_t>::blendv(x, Vectorized<acc_t>(1), not_live).log();
+}
+
 // L1State of l1_state.h, lane by lane; `live` counts lanes with !(x <= 0) as 1.0 each.
 template <typename acc_t>
 struct VecL1State {
@@ -79,12 +114,23 @@ struct VecL1State {
   Vec sum{0}, xlogx{0}, total{0}, live{0};
 
   void add(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      // The same sums with mask registers: NLE_UQ is true for x > 0 and for NaN.
+      const __m512 one = _mm512_set1_ps(1.0f);
+      const __mmask16 live_lanes = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NLE_UQ);
+      const __m512 log_a = log_positive(_mm512_mask_blend_ps(live_lanes, one, x));
+      sum = _mm512_mask_add_ps(sum, live_lanes, sum, x);
+      xlogx = _mm512_mask3_fmadd_ps(x, log_a, xlogx, live_lanes);
+      total = _mm512_add_ps(total, x);
+      live = _mm512_mask_add_ps(live, live_lanes, live, one);
+      return;
+    }
+#endif
     const Vec not_live = x <= Vec(0);  // all-ones lanes; false for NaN, which must stay live
     const Vec a = Vec::blendv(x, Vec(0), not_live);
-    // log(1) = 0 on the lanes that are not live: a * log a is 0 there, not 0 * -inf.
-    const Vec log_a = Vec::blendv(x, Vec(1), not_live).log();
     sum = sum + a;
-    xlogx = at::vec::fmadd(a, log_a, xlogx);
+    xlogx = at::vec::fmadd(a, log_of_live(x, not_live), xlogx);
     total = total + x;
     live = live + Vec::blendv(Vec(1), Vec(0), not_live);
   }
@@ -232,8 +278,15 @@ inline Vectorized<acc_t> grad_elements(const Vectorized<acc_t>& x,
                                        const Vectorized<acc_t>& mean_log,
                                        const Vectorized<acc_t>& coef) {
   using Vec = Vectorized<acc_t>;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __mmask16 live_lanes = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NLE_UQ);
+    const __m512 log_x = log_positive(_mm512_mask_blend_ps(live_lanes, _mm512_set1_ps(1.0f), x));
+    return _mm512_maskz_mul_ps(live_lanes, coef, _mm512_sub_ps(log_x, mean_log));
+  }
+#endif
   const Vec not_live = x <= Vec(0);
-  const Vec grad = coef * (Vec::blendv(x, Vec(1), not_live).log() - mean_log);
+  const Vec grad = coef * (log_of_live(x, not_live) - mean_log);
   return Vec::blendv(grad, Vec(0), not_live);
 }
 
