@@ -36,6 +36,8 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 
 // Elements per task handed to a thread: enough to amortise the scheduling.
 constexpr int64_t kElementsPerTask = 1 << 15;
+// Channels last: how many positions ahead the forward prefetches.
+constexpr int64_t kPrefetchPositions = 16;
 
 // kWidth elements of scalar_t as kVecs vectors of acc_t (two for 16-bit types). Lanes past
 // `count` read as 0, which is not live and adds nothing to any sum.
@@ -73,31 +75,29 @@ struct Pack {
 };
 
 #if defined(CPU_CAPABILITY_AVX512)
-// log(x) for x > 0 (+inf and NaN give NaN: their row is NaN anyway): x = 2^e m with
-// m in [0.75, 1.5), and
-// log(m) = u Q(u), u = m - 1, Q a degree-8 Chebyshev interpolant of log1p(u)/u on
-// [-0.25, 0.5] (relative error 1.6e-7 evaluated in float, about 1 ulp). getmant/getexp
-// handle subnormal x. Measured here about 5x cheaper than Sleef's logf (u10), which is
-// what at::vec's log() calls and what made the forward log-bound.
-inline __m512 log_positive(__m512 x) {
+// log2(x) for x > 0 (+inf -> +inf, NaN -> NaN): x = 2^e m with m in [1, 2), and
+// log2(m) = u Q(u), u = m - 1, Q a degree-8 Chebyshev interpolant of log2(1 + u)/u on
+// [0, 1]: absolute error 1.4e-7 evaluated in float (about 1 ulp of log2 m), which is what
+// the sums need (T/S and log x - T/S are compared in absolute terms). getmant/getexp handle
+// subnormal x. Measured here about 5x cheaper than Sleef's logf (u10), which at::vec's
+// log() calls and which made the forward log-bound; base 2 saves the multiply by log(2)
+// per element (done once per row instead).
+inline __m512 log2_positive(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
-  __m512 e = _mm512_getexp_ps(x);  // floor(log2 x); one more when m came out below 1
-  e = _mm512_mask_add_ps(e, _mm512_cmp_ps_mask(m, one, _CMP_LT_OQ), e, one);
-  const __m512 u = _mm512_sub_ps(m, one);
-  __m512 q = _mm512_set1_ps(5.295106396e-02f);
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-1.195682511e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(1.497289687e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-1.683569551e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(1.997903287e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-2.499291599e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(3.333350420e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-5.000007153e-01f));
-  q = _mm512_fmadd_ps(q, u, one);
-  // e * log(2) with log(2) split in two floats: exact enough for |e| up to 149.
-  const __m512 log_m = _mm512_fmadd_ps(e, _mm512_set1_ps(-1.904654323e-09f), _mm512_mul_ps(u, q));
-  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693147182464599609375f), log_m);
+  const __m512 u = _mm512_sub_ps(_mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src), one);
+  __m512 q = _mm512_set1_ps(7.395402063e-03f);
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-4.194501042e-02f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(1.118320748e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-1.962389499e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(2.752211988e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-3.582990766e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(4.806788862e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-7.213395238e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(1.442695022e+00f));
+  return _mm512_fmadd_ps(u, q, _mm512_getexp_ps(x));  // getexp: e = floor(log2 x)
 }
+
+constexpr float kLn2 = 0.693147180559945309f;
 #endif
 
 // log of the live lanes (!(x <= 0): x > 0, +inf, NaN); 0 on the others, whose log is never
@@ -108,10 +108,19 @@ inline Vectorized<acc_t> log_of_live(const Vectorized<acc_t>& x, const Vectorize
 }
 
 // L1State of l1_state.h, lane by lane; `live` counts lanes with !(x <= 0) as 1.0 each.
+// `xlogx` is in the base of the log used (2 on the AVX-512 float path); xlogx_nats()
+// converts it to T.
 template <typename acc_t>
 struct VecL1State {
   using Vec = Vectorized<acc_t>;
   Vec sum{0}, xlogx{0}, total{0}, live{0};
+
+  Vec xlogx_nats() const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) return xlogx * Vec(kLn2);
+#endif
+    return xlogx;
+  }
 
   void add(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -119,7 +128,7 @@ struct VecL1State {
       // The same sums with mask registers: NLE_UQ is true for x > 0 and for NaN.
       const __m512 one = _mm512_set1_ps(1.0f);
       const __mmask16 live_lanes = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NLE_UQ);
-      const __m512 log_a = log_positive(_mm512_mask_blend_ps(live_lanes, one, x));
+      const __m512 log_a = log2_positive(_mm512_mask_blend_ps(live_lanes, one, x));
       sum = _mm512_mask_add_ps(sum, live_lanes, sum, x);
       xlogx = _mm512_mask3_fmadd_ps(x, log_a, xlogx, live_lanes);
       total = _mm512_add_ps(total, x);
@@ -206,15 +215,24 @@ void forward_rows(const L1ForwardParams& p) {
       for (int64_t j = 0; j < count; ++j) {
         const int64_t row = first + j;
         const scalar_t* xr = x + (row / C) * xs.batch + (row % C) * xs.channel;
-        VecL1State<acc_t> state;
-        for (int64_t i = 0; i < L; i += W) {
-          P::load(xr + i, std::min(W, L - i), v);
-          for (int k = 0; k < P::kVecs; ++k) state.add(v[k]);
+        // Two independent states, so that consecutive vectors' sums do not wait on each
+        // other; merged in a fixed order.
+        VecL1State<acc_t> state[2];
+        int64_t i = 0;
+        for (; i + 2 * W <= L; i += 2 * W) {
+          for (int u = 0; u < 2; ++u) {
+            P::load(xr + i + u * W, W, v);
+            for (int k = 0; k < P::kVecs; ++k) state[u].add(v[k]);
+          }
         }
-        sums.sum[j] = reduce_sum(state.sum);
-        sums.xlogx[j] = reduce_sum(state.xlogx);
-        sums.total[j] = reduce_sum(state.total);
-        sums.live[j] = reduce_sum(state.live);
+        for (; i < L; i += W) {
+          P::load(xr + i, std::min(W, L - i), v);
+          for (int k = 0; k < P::kVecs; ++k) state[0].add(v[k]);
+        }
+        sums.sum[j] = reduce_sum(state[0].sum + state[1].sum);
+        sums.xlogx[j] = reduce_sum(state[0].xlogx_nats() + state[1].xlogx_nats());
+        sums.total[j] = reduce_sum(state[0].total + state[1].total);
+        sums.live[j] = reduce_sum(state[0].live + state[1].live);
       }
       store_rows<scalar_t>(p, first, count, sums);
     }
@@ -238,6 +256,11 @@ void forward_channels_last(const L1ForwardParams& p) {
       VecL1State<acc_t> state[P::kVecs];
       typename P::Vec v[P::kVecs];
       for (int64_t i = 0; i < L; ++i) {
+        // Positions are a whole row of channels apart, too far for the hardware prefetcher
+        // to follow reliably: fetch kPrefetchPositions ahead (a prefetch never faults).
+        __builtin_prefetch(reinterpret_cast<const void*>(
+            reinterpret_cast<uintptr_t>(xb + i * step) +
+            kPrefetchPositions * step * static_cast<int64_t>(sizeof(scalar_t))));
         P::load(xb + i * step, lanes, v);
         for (int k = 0; k < P::kVecs; ++k) state[k].add(v[k]);
       }
@@ -245,7 +268,7 @@ void forward_channels_last(const L1ForwardParams& p) {
       for (int k = 0; k < P::kVecs && k * P::kLanes < lanes; ++k) {
         RowSums<acc_t> sums;
         state[k].sum.store(sums.sum);
-        state[k].xlogx.store(sums.xlogx);
+        state[k].xlogx_nats().store(sums.xlogx);
         state[k].total.store(sums.total);
         state[k].live.store(sums.live);
         const int64_t count = std::min<int64_t>(P::kLanes, lanes - k * P::kLanes);
@@ -281,8 +304,9 @@ inline Vectorized<acc_t> grad_elements(const Vectorized<acc_t>& x,
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     const __mmask16 live_lanes = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NLE_UQ);
-    const __m512 log_x = log_positive(_mm512_mask_blend_ps(live_lanes, _mm512_set1_ps(1.0f), x));
-    return _mm512_maskz_mul_ps(live_lanes, coef, _mm512_sub_ps(log_x, mean_log));
+    const __m512 log2_x = log2_positive(_mm512_mask_blend_ps(live_lanes, _mm512_set1_ps(1.0f), x));
+    return _mm512_maskz_mul_ps(live_lanes, coef,
+                               _mm512_fmsub_ps(_mm512_set1_ps(kLn2), log2_x, mean_log));
   }
 #endif
   const Vec not_live = x <= Vec(0);
