@@ -20,6 +20,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -36,8 +37,15 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 
 // Elements per task handed to a thread: enough to amortise the scheduling.
 constexpr int64_t kElementsPerTask = 1 << 15;
-// Channels last: how many positions ahead the forward prefetches.
+// How far ahead the forward prefetches: bytes along a row, positions in channels last.
+constexpr int64_t kPrefetchBytes = 1024;
 constexpr int64_t kPrefetchPositions = 16;
+
+// Prefetch the line `bytes` past p. Done on integers: the address may lie past the end of
+// the tensor (pointer arithmetic there would be undefined; a prefetch never faults).
+inline void prefetch_ahead(const void* p, int64_t bytes) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + bytes));
+}
 
 // kWidth elements of scalar_t as kVecs vectors of acc_t (two for 16-bit types). Lanes past
 // `count` read as 0, which is not live and adds nothing to any sum.
@@ -195,6 +203,77 @@ void store_rows(const L1ForwardParams& p, int64_t first, int64_t count,
 
 // --- forward ------------------------------------------------------------------------
 
+// Rows of at most this many positions take short_rows_sums below.
+constexpr int64_t kShortRow = 64;
+
+// Short rows (7x7 = 49 positions): one row per lane, the `count` <= 16 rows of a group at
+// once, each position gathered across the rows (as channel_stats_cpu.cpp does): no
+// horizontal reduction and no partial vector per row, which is what a row-at-a-time loop
+// spends most of its time on at this length. Returns false where it does not apply.
+template <typename scalar_t>
+bool short_rows_sums(const L1ForwardParams& p, int64_t first, int64_t count,
+                     RowSums<acc_type<scalar_t>>& sums) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
+    return false;
+  } else {
+    const int64_t L = p.positions, C = p.channels;
+    constexpr bool kHalfType = at::is_reduced_floating_point_v<scalar_t>;
+    // 16-bit types read 32-bit words (below), which needs a second position in the row.
+    if (L > kShortRow || (kHalfType && L < 2)) return false;
+    const scalar_t* x = static_cast<const scalar_t*>(p.x);
+    // Offsets of the rows from the lowest one, in elements; gathers take 32-bit offsets.
+    const scalar_t* starts[16];
+    const scalar_t* base = nullptr;
+    int64_t n = first / C, c = first % C;
+    for (int64_t j = 0; j < count; ++j) {
+      starts[j] = x + n * p.x_strides.batch + c * p.x_strides.channel;
+      base = j == 0 ? starts[0] : std::min(base, starts[j]);
+      if (++c == C) c = 0, ++n;
+    }
+    alignas(64) int32_t offsets[16] = {};
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t offset = starts[j] - base;
+      if (offset > INT32_MAX - L) return false;
+      offsets[j] = static_cast<int32_t>(offset);
+    }
+    const __mmask16 active = static_cast<__mmask16>((1u << count) - 1);
+    const __m512i first_index = _mm512_load_si512(offsets);
+    VecL1State<float> state;
+    for (int64_t i = 0; i < L; ++i) {
+      const __m512i index = _mm512_add_epi32(first_index, _mm512_set1_epi32(static_cast<int>(i)));
+      __m512 v;  // inactive lanes read 0: not live, adding nothing
+      if constexpr (!kHalfType) {
+        v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), active, index, base, 4);
+      } else {
+        // A 16-bit element is one half of the 32-bit word gathered at its own address (low
+        // half), or, for the row's last position, at the previous element's (high half), so
+        // no word reaches past the row.
+        const bool last = i == L - 1;
+        const __m512i at = last ? _mm512_sub_epi32(index, _mm512_set1_epi32(1)) : index;
+        __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), active, at, base, 2);
+        word = last ? _mm512_srli_epi32(word, 16)
+                    : _mm512_and_si512(word, _mm512_set1_epi32(0xFFFF));
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          v = _mm512_castsi512_ps(_mm512_slli_epi32(word, 16));
+        } else {
+          v = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(word));
+        }
+        v = _mm512_maskz_mov_ps(active, v);
+      }
+      state.add(v);
+    }
+    state.sum.store(sums.sum);
+    state.xlogx_nats().store(sums.xlogx);
+    state.total.store(sums.total);
+    state.live.store(sums.live);
+    return true;
+  }
+#else
+  return false;
+#endif
+}
+
 template <typename scalar_t>
 void forward_rows(const L1ForwardParams& p) {
   using P = Pack<scalar_t>;
@@ -212,6 +291,10 @@ void forward_rows(const L1ForwardParams& p) {
     Vec v[P::kVecs];
     for (int64_t group = begin; group < end; ++group) {
       const int64_t first = group * kGroup, count = std::min(kGroup, rows - first);
+      if (short_rows_sums<scalar_t>(p, first, count, sums)) {
+        store_rows<scalar_t>(p, first, count, sums);
+        continue;
+      }
       for (int64_t j = 0; j < count; ++j) {
         const int64_t row = first + j;
         const scalar_t* xr = x + (row / C) * xs.batch + (row % C) * xs.channel;
@@ -220,6 +303,7 @@ void forward_rows(const L1ForwardParams& p) {
         VecL1State<acc_t> state[2];
         int64_t i = 0;
         for (; i + 2 * W <= L; i += 2 * W) {
+          prefetch_ahead(xr + i, kPrefetchBytes);
           for (int u = 0; u < 2; ++u) {
             P::load(xr + i + u * W, W, v);
             for (int k = 0; k < P::kVecs; ++k) state[u].add(v[k]);
@@ -258,9 +342,7 @@ void forward_channels_last(const L1ForwardParams& p) {
       for (int64_t i = 0; i < L; ++i) {
         // Positions are a whole row of channels apart, too far for the hardware prefetcher
         // to follow reliably: fetch kPrefetchPositions ahead (a prefetch never faults).
-        __builtin_prefetch(reinterpret_cast<const void*>(
-            reinterpret_cast<uintptr_t>(xb + i * step) +
-            kPrefetchPositions * step * static_cast<int64_t>(sizeof(scalar_t))));
+        prefetch_ahead(xb + i * step, kPrefetchPositions * step * int64_t(sizeof(scalar_t)));
         P::load(xb + i * step, lanes, v);
         for (int k = 0; k < P::kVecs; ++k) state[k].add(v[k]);
       }
