@@ -85,10 +85,13 @@ def low_precision_l1(x):
     return entropy, perplexity, (length - perplexity) / (length - 1)
 
 
-def test_the_fused_kernels_are_what_gets_tested():
-    assert compiled("cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_fused_kernels_are_what_gets_tested(device):
+    """Without this every agreement test could pass against a fallback, or not run at all."""
+    assert compiled(device)
     for op in ("l1_stats_forward", "l1_stats_backward"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsity_ext::{op}", "CPU")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsity_ext::{op}",
+                                                              device.upper())
 
 
 # --- values and row statistics --------------------------------------------------------
