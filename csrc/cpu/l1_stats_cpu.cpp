@@ -2,12 +2,13 @@
 // parallel over rows.
 //
 // Forward, per row: one pass that folds every vector of x into four vector accumulators
-// (S, T, sum of x, count of live positions), one log per element and no exp or max; rows
-// are then finished 16 (8 for double) at a time with vector log and exp. kRows walks each
-// row with unit stride and reduces the lanes at its end; kChannelsLast puts consecutive
-// channels of one sample side by side in a vector (one lane per row) and walks the
-// positions, so no horizontal reduction is needed. Each row is always folded in the same
-// order, whatever the thread count: same bits every time.
+// (S, T, sum of x, count of live positions), one log per element (a polynomial log2 on
+// AVX-512, the cost that matters) and no exp or max; rows are then finished 16 (8 for
+// double) at a time with vector log and exp. kRows walks each row with unit stride and
+// reduces the lanes at its end, except short rows (<= 64 positions), which are gathered one
+// row per lane; kChannelsLast puts consecutive channels of one sample side by side in a
+// vector (one lane per row) and walks the positions, so no horizontal reduction is needed.
+// Each row is always folded in the same order, whatever the thread count: same bits.
 //
 // Backward, per element: grad_x = coef * (log x - T/S) where x > 0, else 0, with one coef
 // per row (l1_backward_coefficient of l1_state.h).
@@ -284,13 +285,17 @@ void forward_rows(const L1ForwardParams& p) {
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   const int64_t L = p.positions, C = p.channels, rows = p.batch * C;
   const RowStrides& xs = p.x_strides;
-  const int64_t groups = (rows + kGroup - 1) / kGroup;
-  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * kGroup));
+  // Rows are finished kGroup at a time, except when they are long and few: then one by one,
+  // so that they spread over the threads. The groups depend on the shape only, never on the
+  // thread count, so neither does which path a row takes.
+  const int64_t group_size = L <= kShortRow || rows >= 64 * kGroup ? kGroup : 1;
+  const int64_t groups = (rows + group_size - 1) / group_size;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * group_size));
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     RowSums<acc_t> sums;
     Vec v[P::kVecs];
     for (int64_t group = begin; group < end; ++group) {
-      const int64_t first = group * kGroup, count = std::min(kGroup, rows - first);
+      const int64_t first = group * group_size, count = std::min(group_size, rows - first);
       if (short_rows_sums<scalar_t>(p, first, count, sums)) {
         store_rows<scalar_t>(p, first, count, sums);
         continue;
