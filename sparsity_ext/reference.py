@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["ChannelStats", "channel_stats", "entropy", "perplexity", "sparsity",
-           "l1_row_stats", "accumulation_dtype", "check_input", "SUPPORTED_DTYPES",
+           "l1_row_stats", "l1_entropy_derivatives", "accumulation_dtype", "check_input", "SUPPORTED_DTYPES",
            "NORMALIZATIONS"]
 
 
@@ -155,18 +155,55 @@ def l1_row_stats(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([s, mean_log, not_live.sum(dim=-1).to(rows.dtype), rows.sum(dim=-1)])
 
 
-def _l1_channel_stats(x: torch.Tensor) -> ChannelStats:
-    rows, _, s, mean_log = _l1_sums(x)
-    length = rows.shape[-1]
+def _l1_entropy(s: torch.Tensor, mean_log: torch.Tensor, length: int) -> torch.Tensor:
+    """H = log S - T/S per row in the accumulation dtype; log L for a dead row (S == 0)."""
     dead = s == 0  # no positive value; a NaN row has S = NaN and is not dead
     # log of 1 on dead rows, whose value is replaced below: no inf or NaN in any gradient.
     entropy = torch.where(dead, 1.0, s).log() - mean_log
     entropy = torch.where(dead, math.log(length), entropy)
     if length == 1:
         entropy = entropy * 0  # exactly 0 (log a - (a log a)/a may round); NaN stays NaN
-    perplexity = torch.where(dead, float(length), entropy.exp())
+    return entropy
+
+
+def _l1_channel_stats(x: torch.Tensor) -> ChannelStats:
+    rows, _, s, mean_log = _l1_sums(x)
+    length = rows.shape[-1]
+    entropy = _l1_entropy(s, mean_log, length)
+    perplexity = torch.where(s == 0, float(length), entropy.exp())
     if length > 1:
         sparsity = (length - perplexity) / (length - 1)
     else:
         sparsity = perplexity * 0
     return ChannelStats(entropy.to(x.dtype), perplexity.to(x.dtype), sparsity.to(x.dtype))
+
+
+def l1_entropy_derivatives(x: torch.Tensor, v: torch.Tensor | None = None):
+    """H of the L1 measure, its gradient and (given ``v`` of x's shape) its Hessian times
+    ``v``, per row, in the accumulation dtype, computed from ``x`` alone (so differentiable
+    again): ``(entropy (N, C), gradient (N, C, L), hvp (N, C, L) or None)``.
+
+    With the live positions ``x_i > 0``, ``l_i = log x_i``, ``m = T/S``,
+    ``A = sum_live v_i (l_i - m)`` and ``B = sum_live v_i``, for live ``j``::
+
+        dH/dx_j                 = -(l_j - m) / S
+        sum_i v_i d2H/dx_i dx_j = -v_j / (x_j S) + (A + B + (l_j - m) B) / S^2
+
+    and exactly 0 at every other position, in dead rows and when L == 1 (H is constant).
+    """
+    rows, not_live, s, mean_log = _l1_sums(x)
+    length = rows.shape[-1]
+    entropy = _l1_entropy(s, mean_log, length)
+    safe_s = torch.where(s == 0, 1.0, s).unsqueeze(-1)
+    log_a = torch.where(not_live, 0.0, torch.where(not_live, 1.0, rows).log())
+    d = torch.where(not_live, 0.0, log_a - mean_log.unsqueeze(-1))
+    constant = 0.0 if length == 1 else 1.0  # L == 1: zero, but NaN stays NaN
+    gradient = -d / safe_s * constant
+    if v is None:
+        return entropy, gradient, None
+    v_live = torch.where(not_live, 0.0, v.reshape(rows.shape).to(rows.dtype))
+    a = (v_live * d).sum(dim=-1, keepdim=True)
+    b = v_live.sum(dim=-1, keepdim=True)
+    curvature = -v_live / (torch.where(not_live, 1.0, rows) * safe_s)
+    hvp = torch.where(not_live, 0.0, curvature + (a + b + d * b) / safe_s**2) * constant
+    return entropy, gradient, hvp

@@ -254,6 +254,27 @@ def test_channels_last_grad_is_channels_last():
     assert g.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (3, 2, 1), (2, 2, 7)], ids=str)
+def test_reference_derivatives_match_autograd_to_second_order(shape):
+    """l1_entropy_derivatives (what double backward and forward mode will be built on)
+    against autograd through the reference: gradient, and Hessian times v."""
+    x = _away_from_zero(shape, "contiguous")
+    x[0, 0] = -x[0, 0].abs()  # a dead row
+    x.requires_grad_(True)
+    v = torch.randn(shape, dtype=torch.float64)
+    entropy, gradient, hvp = reference.l1_entropy_derivatives(x, v)
+    auto_entropy = reference.entropy(x, normalize="l1")
+    auto_gradient = torch.autograd.grad(auto_entropy.sum(), x, create_graph=True)[0]
+    auto_hvp = torch.autograd.grad((auto_gradient * v).sum(), x)[0]
+    torch.testing.assert_close(entropy, auto_entropy.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gradient.view(shape), auto_gradient.detach(), rtol=1e-10,
+                               atol=1e-12)
+    torch.testing.assert_close(hvp.view(shape), auto_hvp, rtol=1e-10, atol=1e-12)
+    assert (hvp.view(shape)[0, 0] == 0).all() and (gradient.view(shape)[0, 0] == 0).all()
+    if shape[-1] > 1:  # L == 1: H is constant, every derivative 0
+        assert (hvp != 0).any()
+
+
 # --- dead rows, L == 1, non-finite input -----------------------------------------------
 
 
