@@ -8,6 +8,8 @@ from . import reference
 from .ops import (
     ChannelStats,
     ChannelStatsFunction,
+    L1StatsFunction,
+    NORMALIZATIONS,
     channel_stats,
     entropy,
     perplexity,
@@ -19,6 +21,8 @@ from .overfitting import OverfittingWarning, overfitting_warning
 __all__ = [
     "ChannelStats",
     "ChannelStatsFunction",
+    "L1StatsFunction",
+    "NORMALIZATIONS",
     "channel_stats",
     "entropy",
     "perplexity",
