@@ -1,5 +1,6 @@
 """`python -m sparsity_ext bench`: ours against eager PyTorch, torch.compile and the
-copy-bandwidth floor, all measured in the same process on the same input.
+copy-bandwidth floor, all measured in the same process on the same input, for both
+measures (``normalize`` column: the softmax one and the L1 one).
 
 The floor is the bytes the op must move over the copy bandwidth measured here (a
 preallocated ``dst.copy_(x)`` moves 2 |x| bytes): the forward reads x once (|x|), the
@@ -32,6 +33,7 @@ CUDA_SHAPES = CPU_SHAPES + [(128, 64, 112, 112), (256, 256, 56, 56), (256, 512, 
                             (1024, 2048, 7, 7)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
+NORMALIZATIONS = ("softmax", "l1")  # the two measures (normalize= of sparsity_ext.channel_stats)
 
 
 def make_input(shape, dtype, device) -> torch.Tensor:
@@ -51,13 +53,14 @@ def forward_backward_fn(impl: Callable, x: torch.Tensor) -> Callable[[torch.Tens
     return run
 
 
-def implementations() -> dict[str, Callable]:
+def implementations(normalize: str = "softmax") -> dict[str, Callable]:
     """Fresh compiled reference each time: no dynamic-shape reuse across cases."""
     torch._dynamo.reset()
+    exact = functools.partial(reference.channel_stats, normalize=normalize)
     return {
-        "ours": ops.channel_stats,
-        "eager": reference.channel_stats,
-        "compile": torch.compile(reference.channel_stats, dynamic=False),
+        "ours": functools.partial(ops.channel_stats, normalize=normalize),
+        "eager": exact,
+        "compile": torch.compile(exact, dynamic=False),
     }
 
 
@@ -136,13 +139,14 @@ def peak_extra_mb(fn: Callable, x: torch.Tensor) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def check_correct(x: torch.Tensor) -> None:
+def check_correct(x: torch.Tensor, normalize: str = "softmax") -> None:
     """Benchmarks check correctness before they time."""
-    ours = ops.channel_stats(x).entropy.double()
-    exact = reference.channel_stats(x.double()).entropy
+    ours = ops.channel_stats(x, normalize).entropy.double()
+    exact = reference.channel_stats(x.double(), normalize).entropy
     tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-4
     if not torch.allclose(ours, exact, rtol=tol, atol=tol):
-        raise AssertionError(f"ours disagrees with the reference on {tuple(x.shape)} {x.dtype}")
+        raise AssertionError(f"ours disagrees with the reference on {tuple(x.shape)} {x.dtype} "
+                             f"(normalize={normalize!r})")
 
 
 @dataclass
@@ -150,6 +154,7 @@ class Case:
     device: str
     shape: tuple
     dtype: str
+    normalize: str = "softmax"
 
 
 def timed_inputs(x: torch.Tensor) -> list[torch.Tensor]:
@@ -167,13 +172,13 @@ def time_per_call(fn: Callable, inputs: list[torch.Tensor], repeats: int) -> tup
 
 def run_case(case: Case, repeats: int) -> list[dict]:
     x = make_input(case.shape, DTYPES[case.dtype], case.device)
-    check_correct(x)
+    check_correct(x, case.normalize)
     inputs = timed_inputs(x)
     destinations = {id(t): torch.empty_like(t) for t in inputs}  # preallocated, one each
     copy_ms, _ = time_per_call(lambda t: destinations[id(t)].copy_(t), inputs, repeats)
     del inputs, destinations
     bandwidth = 2 * x.nbytes / (copy_ms * 1e-3)  # bytes per second
-    impls = implementations()
+    impls = implementations(case.normalize)
     rows = []
     for mode, bytes_moved in (("forward", x.nbytes), ("forward+backward", 3 * x.nbytes)):
         xr = x.detach().requires_grad_(mode != "forward")
@@ -190,7 +195,7 @@ def run_case(case: Case, repeats: int) -> list[dict]:
         floor_ms = bytes_moved / bandwidth * 1e3
         rows.append({
             "device": case.device, "shape": "x".join(map(str, case.shape)), "dtype": case.dtype,
-            "mode": mode, "ours ms": times["ours"], "eager ms": times["eager"],
+            "normalize": case.normalize, "mode": mode, "ours ms": times["ours"], "eager ms": times["eager"],
             "compile ms": times["compile"], "floor ms": floor_ms,
             "ours/eager": times["ours"] / times["eager"],
             "ours/compile": times["ours"] / times["compile"],
@@ -233,7 +238,8 @@ def main(device: str | None = None, dtypes: list[str] | None = None, repeats: in
         shapes = CUDA_SHAPES if dev == "cuda" else CPU_SHAPES
         for shape in shapes:
             for dtype in dtypes:
-                rows.extend(run_case(Case(dev, shape, dtype), repeats))
+                for normalize in NORMALIZATIONS:
+                    rows.extend(run_case(Case(dev, shape, dtype, normalize), repeats))
     df = pd.DataFrame(rows)
     report = []
     for dev in devices:
