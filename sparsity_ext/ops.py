@@ -425,6 +425,16 @@ def measure_of(normalize: str) -> Measure:
 
 
 @torch.jit.ignore  # TorchScript calls it through Python (see README: TorchScript)
+def _channel_stats(x: torch.Tensor, normalize: str) -> ChannelStats:
+    """:func:`channel_stats` without the default argument: TorchScript gives none to an
+    ignored function, so the public functions are plain (scriptable) wrappers of this."""
+    measure = measure_of(normalize)
+    reference.check_input(x)
+    entropy, perplexity, sparsity, _ = _differentiable(
+        MEASURES[normalize][1], measure.forward_op, x)
+    return ChannelStats(entropy, perplexity, sparsity)
+
+
 def channel_stats(x: torch.Tensor, normalize: str = "softmax") -> ChannelStats:
     """Entropy, perplexity and sparsity of the spatial distribution of every (sample, channel).
 
@@ -449,26 +459,19 @@ def channel_stats(x: torch.Tensor, normalize: str = "softmax") -> ChannelStats:
         order, in forward and reverse mode, under every torch.func transform and
         torch.compile; one fused read of x forward and one elementwise pass backward.
     """
-    measure = measure_of(normalize)
-    reference.check_input(x)
-    entropy, perplexity, sparsity, _ = _differentiable(
-        MEASURES[normalize][1], measure.forward_op, x)
-    return ChannelStats(entropy, perplexity, sparsity)
+    return _channel_stats(x, normalize)
 
 
-@torch.jit.ignore  # TorchScript calls it through Python (see README: TorchScript)
 def entropy(x: torch.Tensor, normalize: str = "softmax") -> torch.Tensor:
     """Entropy (nats) of every row of ``x`` ``(N, C, *S)`` -> ``(N, C)`` (see channel_stats)."""
-    return channel_stats(x, normalize).entropy
+    return _channel_stats(x, normalize).entropy
 
 
-@torch.jit.ignore  # TorchScript calls it through Python (see README: TorchScript)
 def perplexity(x: torch.Tensor, normalize: str = "softmax") -> torch.Tensor:
     """Perplexity ``exp(entropy)``, in ``[1, L]``, of every row of ``x`` -> ``(N, C)``."""
-    return channel_stats(x, normalize).perplexity
+    return _channel_stats(x, normalize).perplexity
 
 
-@torch.jit.ignore  # TorchScript calls it through Python (see README: TorchScript)
 def sparsity(x: torch.Tensor, normalize: str = "softmax") -> torch.Tensor:
     """Sparsity ``(L - perplexity) / (L - 1)``, in ``[0, 1]``, of every row -> ``(N, C)``."""
-    return channel_stats(x, normalize).sparsity
+    return _channel_stats(x, normalize).sparsity
