@@ -28,8 +28,12 @@ DATASETS = ("digits", "cifar10")
 MODELS = ("vgg", "resnet")
 TRAIN_DEFAULTS = {
     "out": "runs/sparsity", "dataset": "digits", "model": "vgg", "epochs": 60, "batch_size": 32,
-    "lr": 1e-3, "penalty": 0.0, "seed": 0, "device": "auto",
+    "optimizer": "sgd", "lr": None, "label_noise": 0.3, "penalty": 0.0,
+    "penalty_normalize": "softmax", "seed": 0, "device": "auto",
 }  # fmt: skip
+OPTIMIZERS = ("sgd", "adam")
+NORMALIZATIONS = ("softmax", "l1")
+SIGNAL_MEASURES = ("sparsity", "sparsity_l1")
 BENCH_DTYPES = ("float32", "bfloat16", "float16", "float64")
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take this range
 COMPUTE_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -148,21 +152,63 @@ def add_train_parser(sub) -> None:
                    help="(default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=d["batch_size"],
                    help="per process (default: %(default)s)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"],
+                   help="SGD with momentum 0.9, or Adam (default: %(default)s)")
     p.add_argument("--lr", type=number(float, 0.0, inclusive=False), default=d["lr"],
-                   help="Adam learning rate (default: %(default)s)")
+                   help="learning rate (default: 0.01 for sgd, 0.001 for adam)")
+    p.add_argument("--label-noise", type=number(float, 0.0, maximum=0.99),
+                   default=d["label_noise"], metavar="SHARE",
+                   help="share of training labels replaced by a wrong class; the test labels "
+                        "stay clean (default: %(default)s)")
     p.add_argument("--penalty", type=number(float, 0.0), default=d["penalty"], metavar="WEIGHT",
                    help="add WEIGHT x the mean sparsity of the conv layers to the loss "
                         "(default: %(default)s)")
+    p.add_argument("--penalty-normalize", choices=NORMALIZATIONS, default=d["penalty_normalize"],
+                   help="the sparsity the penalty lowers: the paper's softmax one or the "
+                        "scale-invariant L1 one (default: %(default)s)")
+    p.add_argument("--early-stop-on-sparsity", nargs="?", const="sparsity", metavar="MEASURE",
+                   choices=SIGNAL_MEASURES,
+                   help="stop where the online signal of MEASURE (training-split sparsity, no "
+                        "validation data; sparsity or sparsity_l1, default sparsity) fires")
     p.add_argument("--seed", type=number(int, 0, maximum=MAX_SEED), default=d["seed"],
                    help="(default: %(default)s)")
     p.add_argument("--device", type=compute_device, default=d["device"],
                    help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--train-size", type=positive_int, metavar="N",
-                   help="training images (default: digits 300, cifar10 5000)")
+                   help="training images (default: digits 1000, cifar10 5000)")
     p.add_argument("--test-size", type=positive_int, metavar="N",
                    help="test images (default: digits all the rest, cifar10 2000)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (there are none when stderr is not a terminal)")
+
+
+def add_study_parser(sub) -> None:
+    d = TRAIN_DEFAULTS
+    p = sub.add_parser(
+        "study", help="run a train setting over seeds, label noise and penalties; tabulate",
+        description="Run `train` for every --label-noise x --penalty x --penalty-normalize "
+                    "(a zero penalty once) x --seeds, one run after another, and write "
+                    "study.csv (per run: test-loss minimum, each measure's onset and signed "
+                    "lead, the online signal, test accuracy at each stopping point), "
+                    "study_summary.md and study.png into --out. Finished runs are reused.")
+    p.add_argument("--out", type=writable_folder, default="runs/study", metavar="DIR",
+                   help="(default: %(default)s)")
+    p.add_argument("--seeds", type=number(int, 0, maximum=MAX_SEED), nargs="+",
+                   default=[0, 1, 2], metavar="SEED", help="(default: 0 1 2)")
+    p.add_argument("--label-noise", type=number(float, 0.0, maximum=0.99), nargs="+",
+                   default=[d["label_noise"]], metavar="SHARE")
+    p.add_argument("--penalty", type=number(float, 0.0), nargs="+", default=[0.0],
+                   metavar="WEIGHT")
+    p.add_argument("--penalty-normalize", choices=NORMALIZATIONS, nargs="+",
+                   default=[d["penalty_normalize"]])
+    p.add_argument("--dataset", choices=DATASETS, default=d["dataset"])
+    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--model", choices=MODELS, default=d["model"])
+    p.add_argument("--epochs", type=number(int, 1), default=d["epochs"])
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"])
+    p.add_argument("--lr", type=number(float, 0.0, inclusive=False), default=d["lr"])
+    p.add_argument("--train-size", type=number(int, 1), metavar="N")
+    p.add_argument("--device", type=compute_device, default=d["device"])
 
 
 def add_plot_parser(sub) -> None:
@@ -178,7 +224,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_build_parser, add_info_parser, add_bench_parser, add_train_parser,
-                add_plot_parser):
+                add_plot_parser, add_study_parser):
         add(sub)
     return parser, sub.choices
 

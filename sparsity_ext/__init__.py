@@ -17,6 +17,7 @@ from .ops import (
 )
 from .monitor import SparsityMonitor, SparsityPenalty, SparsityRecord
 from .overfitting import OverfittingWarning, overfitting_warning
+from .early_stopping import SparsityEarlyStopping
 
 __all__ = [
     "ChannelStats",
@@ -33,5 +34,6 @@ __all__ = [
     "SparsityRecord",
     "OverfittingWarning",
     "overfitting_warning",
+    "SparsityEarlyStopping",
 ]
 __version__ = "0.1.0"

@@ -282,13 +282,18 @@ class SparsityMonitor:
         if isinstance(channel_dim, Mapping):
             unknown = set(channel_dim) - set(self.layers)
             if unknown:
-                raise ValueError(f"channel_dim names layers that are not monitored: {sorted(unknown)}")
+                raise ValueError(
+                    f"channel_dim names layers that are not monitored: {sorted(unknown)}"
+                )
             self.channel_dims = {name: channel_dim.get(name) for name in self.layers}
         else:
             self.channel_dims = {name: channel_dim for name in self.layers}
         for name, dim in self.channel_dims.items():
-            if dim is not None and not isinstance(dim, int):
-                raise TypeError(f"channel_dim for {name!r} must be an int or None, got {dim!r}")
+            if dim is not None and (not isinstance(dim, int) or dim == 0):
+                raise ValueError(
+                    f"channel_dim for {name!r} must be None or a non-batch dim (an int other "
+                    f"than 0, e.g. 1 or -1), got {dim!r}"
+                )
         self._backend = _Backend.resolve()
         self._rules = {name: _axes_rule(model, name, m) for name, m in self.layers.items()}
         self.split: str | None = None
@@ -297,7 +302,9 @@ class SparsityMonitor:
         # Set by SparsityPenalty: the measure to keep graph-connected ("softmax" or "l1").
         self.graph_measure: str | None = None
         self._layer_index = {name: i for i, name in enumerate(self.layers)}
-        self._buffers: dict[tuple[str, str, int], torch.Tensor] = {}  # (split, layer, call)
+        # (split, layer, call) -> (column sums, [rows, values]) on the activation's device
+        self._buffers: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._increments: dict[tuple, torch.Tensor] = {}  # per batch shape, see _accumulate
         self._multi_call: set[str] = set()  # layers ever seen called twice in one pass
         self._calls: dict[str, int] = {}  # calls per layer in the current forward pass
         self._graph_means: dict[tuple[str, int], torch.Tensor] = {}  # latest pass, with grad
@@ -424,22 +431,34 @@ class SparsityMonitor:
         return self.split or ("train" if self.model.training else "test")
 
     def _accumulate(self, split, name, call, x, entropy, sparsity) -> None:
-        """Add this output's column sums into its persistent buffer: a fixed handful of
-        device ops per layer and batch, no host sync."""
+        """Add this output's column sums and row/value counts into its persistent buffers:
+        a fixed handful of device ops per layer and batch, no host sync."""
         key = (split, name, call)
-        buffer = self._buffers.get(key)
-        if buffer is None:
+        buffers = self._buffers.get(key)
+        if buffers is None:
             dtype = torch.float32 if x.device.type == "mps" else torch.float64
-            buffer = self._buffers[key] = torch.zeros(_COLUMNS, dtype=dtype, device=x.device)
+            buffers = self._buffers[key] = (
+                torch.zeros(_ROWS, dtype=dtype, device=x.device),
+                torch.zeros(_COLUMNS - _ROWS, dtype=dtype, device=x.device),
+            )
+        sums, counts = buffers
         entropy_l1, sparsity_l1, s, zeros, total = self._backend.l1_rows(x)
         live = s.sign()  # 1 for a live row, 0 for a dead one (S >= 0)
         columns = torch.stack([sparsity, entropy, sparsity_l1, entropy_l1 * live, live, zeros,
                                total])  # fmt: skip
-        buffer[:_ROWS].add_(columns.sum((1, 2)))  # float32 sums into the float64 buffer
-        # Counts as scalar arguments of two tiny kernels: no host-to-device copy, no sync.
+        sums.add_(columns.sum((1, 2)))  # float32 row sums into the float64 buffer
+        counts.add_(self._count_increment(x, counts.dtype))
+
+    def _count_increment(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[rows, values]`` of an output of x's shape, as a device tensor made once per
+        batch shape (one host-to-device copy then, none per batch)."""
         rows = x.shape[0] * x.shape[1]
-        buffer[_ROWS].add_(rows)
-        buffer[_VALUES].add_(rows * x.shape[2:].numel())
+        key = (x.device, rows, x.shape[2:].numel())
+        increment = self._increments.get(key)
+        if increment is None:
+            increment = torch.tensor([rows, rows * key[2]], dtype=dtype, device=x.device)
+            self._increments[key] = increment
+        return increment
 
     # -- per epoch --------------------------------------------------------------------
     def record_name(self, name: str, call: int) -> str:
@@ -475,13 +494,13 @@ class SparsityMonitor:
             {(s, n, int(c)) for s, n, c in union if s},
             key=lambda k: (k[0], self._layer_index[k[1]], k[2]),
         )
-        buffers = list(self._buffers.values())
+        buffers = [sums for sums, _ in self._buffers.values()]
         device = buffers[0].device if buffers else distributed.collective_device()
         dtype = buffers[0].dtype if buffers else torch.float64
         table = torch.zeros(len(slots), _COLUMNS, dtype=dtype, device=device)
         for i, key in enumerate(slots):
             if key in self._buffers:
-                table[i] = self._buffers[key].to(device, dtype)
+                table[i] = torch.cat(self._buffers[key]).to(device, dtype)
         table = distributed.all_reduce_sum(table).cpu().double()
         self.reset()
         records = []
@@ -535,9 +554,15 @@ class SparsityMonitor:
             maps.update({self.record_name(n, c): m for (n, c), m in captured.items()})
 
 
+_current_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 def _in_backward() -> bool:
-    """True while the autograd engine runs a backward pass on this thread."""
-    return torch._C._current_graph_task_id() != -1
+    """True while the autograd engine runs a backward pass on this thread (-1 outside one).
+
+    The autograd engine's own flag, so it holds for reentrant and non-reentrant
+    checkpointing alike; torch has no public spelling of it (2.11-2.14)."""
+    return _current_graph_task_id() != -1
 
 
 class SparsityPenalty:

@@ -86,19 +86,30 @@ L1_STATS = Measure("l1_stats", 4, functools.partial(reference.channel_stats, nor
 # --- shared pieces --------------------------------------------------------------------
 
 
-def _grad_x_like(x: torch.Tensor) -> torch.Tensor:
+def _grad_x_like(x: torch.Tensor, empty: Callable | None = None) -> torch.Tensor:
     """An empty grad_x for x: dense, channels innermost when x's channels are its unit-stride
     dim (a channels_last-like x is then read in place), else contiguous.
 
     The one home of this rule; the kernels read x in whatever layout grad_x has.
+    ``empty(sizes)`` allocates the dense tensor (default ``x.new_empty``).
     """
+    empty = empty or x.new_empty
     spatial = range(2, x.dim())
     if x.shape[1] > 1 and x.stride(1) == 1 and any(
             x.shape[d] > 1 and x.stride(d) != 1 for d in spatial):
         perm = [0, *spatial, 1]
         inverse = [0, x.dim() - 1, *range(1, x.dim() - 1)]
-        return x.new_empty([x.shape[d] for d in perm]).permute(inverse)
-    return x.new_empty(x.shape)
+        return empty([x.shape[d] for d in perm]).permute(inverse)
+    return empty(x.shape)
+
+
+def _allocator_for(x: torch.Tensor) -> Callable:
+    """How a real (not fake) grad_x is allocated: on the CPU from the native cache of recycled
+    buffers when the library is loaded, since fresh memory as large as x costs more page
+    faults than the backward kernel costs (csrc/cpu/recycled_buffers.h); else new_empty."""
+    if x.device.type == "cpu" and _extension.kernel_available("cpu"):
+        return lambda sizes: torch.ops.sparsity_ext._empty_recycled(x, list(sizes))
+    return x.new_empty
 
 
 def check_backward_arguments(x, row_stats, grads, grad_x=None, row_stats_rows=3) -> None:
@@ -335,7 +346,7 @@ def _register(measure: Measure, forward_function, backward_function) -> None:
     # PyTorch reference serves forward and .out.
     def backward_functional(x, row_stats, *grads):
         reference.check_input(x)  # .out checks the rest
-        grad_x = _grad_x_like(x)
+        grad_x = _grad_x_like(x, _allocator_for(x))
         measure.backward_out_op(x, row_stats, *grads, grad_x=grad_x)
         return grad_x
 
@@ -396,6 +407,14 @@ def _register(measure: Measure, forward_function, backward_function) -> None:
     torch.library.register_vmap(f"{NAMESPACE}::{backward}",
                                 _vmap_rule(measure.backward_op, BACKWARD_N_DIMS), lib=_LIBRARY)
 
+
+# grad_x's memory on the CPU (see _allocator_for); the C++ library registers the CPU kernel.
+# An uninitialised contiguous tensor of `size` with like's dtype and device.
+_LIBRARY.define("_empty_recycled(Tensor like, int[] size) -> Tensor")
+_LIBRARY.impl("_empty_recycled", lambda like, size: like.new_empty(size),
+              "CompositeExplicitAutograd")
+torch.library.register_fake(f"{NAMESPACE}::_empty_recycled",
+                            lambda like, size: like.new_empty(size), lib=_LIBRARY)
 
 ChannelStatsBackwardFunction = _backward_function(CHANNEL_STATS)
 ChannelStatsFunction = _forward_function(CHANNEL_STATS, ChannelStatsBackwardFunction)

@@ -5,7 +5,6 @@ rotates through. (The timings themselves are only ever produced on a GPU.)"""
 from __future__ import annotations
 
 import contextlib
-import time
 
 import pytest
 import torch
@@ -18,18 +17,23 @@ class _Stream:
         pass
 
 
+class _Clock:
+    """Device time that advances only when a stand-in kernel runs: timings are exact."""
+    now_ms = 0.0
+
+
 class _Event:
     def __init__(self, enable_timing: bool = False):
         self.at = None
 
     def record(self) -> None:
-        self.at = time.perf_counter()
+        self.at = _Clock.now_ms
 
     def synchronize(self) -> None:
         pass
 
     def elapsed_time(self, end: _Event) -> float:
-        return (end.at - self.at) * 1e3
+        return end.at - self.at
 
 
 @pytest.fixture
@@ -75,7 +79,7 @@ def test_time_cuda_ms_replays_one_pass_per_sample(fake_cuda, refuse):
             made.append(i)
             if fake_cuda["capturing"] is not None:
                 fake_cuda["capturing"].calls.append(call)
-            time.sleep(0.005)
+            _Clock.now_ms += 5.0 + i  # kernel i takes 5 + i ms
         return call
 
     calls = [make_call(i) for i in range(3)]
@@ -84,7 +88,7 @@ def test_time_cuda_ms_replays_one_pass_per_sample(fake_cuda, refuse):
     # warm-up passes, the captured pass (none if refused), one untimed pass, the timed ones
     passes = 2 + (0 if refuse else 1) + 1 + 4
     assert made == [0, 1, 2] * passes
-    assert 5.0 <= ms < 12.0  # per call (5 ms), not per pass of 3 calls (15 ms)
+    assert ms == 6.0  # per call (5, 6 and 7 ms: mean 6), not per pass of 3 calls (18 ms)
 
 
 def test_rotation_holds_enough_bytes_in_separate_copies():
@@ -98,3 +102,37 @@ def test_rotation_holds_enough_bytes_in_separate_copies():
     assert len(benchmark.rotation(quarter[1:])) == 5  # one byte short of a quarter
     assert len(benchmark.rotation(torch.empty(benchmark.CUDA_ROTATION_BYTES + 1,
                                               dtype=torch.uint8))) == 1
+
+
+def test_percentile_interpolates_between_order_statistics():
+    samples = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert benchmark.percentile(samples, 50) == 3.0
+    assert benchmark.percentile(samples, 90) == pytest.approx(4.6)
+    assert benchmark.percentile(samples, 100) == 5.0 and benchmark.percentile(samples, 0) == 1.0
+
+
+def test_cpu_timing_runs_between_untimed_and_times_each_call(monkeypatch):
+    clock = {"now": 0.0}
+    calls = []
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock["now"])
+
+    def fn(x):
+        calls.append("fn")
+        clock["now"] += 0.002 * len([c for c in calls if c == "fn"])  # 2, 4, 6 ... ms
+
+    def between():
+        calls.append("between")
+        clock["now"] += 1.0  # untimed
+
+    samples = benchmark.time_samples(fn, None, repeats=3, warmup=2, between=between)
+    assert calls == ["fn", "fn"] + ["between", "fn"] * 3
+    assert samples == pytest.approx([6.0, 8.0, 10.0])
+
+
+def test_churn_allocates_twice_the_bytes_in_many_sizes(monkeypatch):
+    sizes = []
+    real_ones = torch.ones
+    monkeypatch.setattr(benchmark.torch, "ones", lambda n: sizes.append(n * 4) or real_ones(n))
+    benchmark.churn(2**25)
+    assert sum(sizes) >= 2 * 2**25 and sum(sizes[:-1]) < 2 * 2**25
+    assert set(sizes) == {2**12, 2**16, 2**20, 2**24, 2**25}

@@ -128,12 +128,15 @@ def test_train_gets_every_flag_as_its_config(tmp_path, started, monkeypatch):
     argv = ["train", "--out", out, "--dataset", "cifar10", "--data-dir", "somewhere",
             "--model", "resnet", "--epochs", "3", "--batch-size", "5", "--lr", "0.25",
             "--penalty", "0.5", "--seed", "4294967295", "--device", "cpu", "--train-size", "7",
-            "--test-size", "9"]  # fmt: skip
+            "--test-size", "9", "--optimizer", "adam", "--label-noise", "0.1",
+            "--penalty-normalize", "l1", "--early-stop-on-sparsity", "sparsity_l1"]  # fmt: skip
     assert main(argv) == 0
     assert [asdict(config) for _, config in started] == [{
         "out": out, "dataset": "cifar10", "data_dir": "somewhere", "model": "resnet",
         "epochs": 3, "batch_size": 5, "lr": 0.25, "penalty": 0.5, "seed": 2**32 - 1,
         "device": "cpu", "train_size": 7, "test_size": 9, "progress": False,
+        "optimizer": "adam", "label_noise": 0.1, "penalty_normalize": "l1",
+        "early_stop_on_sparsity": "sparsity_l1",
     }]  # fmt: skip
     assert not (tmp_path / "new").exists()  # checked, not created: train creates it
 

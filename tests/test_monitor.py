@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -348,7 +349,8 @@ def test_the_l1_op_the_monitor_reads_keeps_its_contract_and_gradient():
     torch.testing.assert_close(grad.flatten(2), expected)
     assert grad.isfinite().all() and (grad.flatten(2)[~live] == 0).all()
     # Scale invariance of the L1 measure; float32 row_stats for 16-bit input.
-    torch.testing.assert_close(torch.ops.sparsity_ext.l1_stats_forward(x.detach() * 7.5)[2], sparsity.detach())
+    scaled = torch.ops.sparsity_ext.l1_stats_forward(x.detach() * 7.5)[2]
+    torch.testing.assert_close(scaled, sparsity.detach())
     assert torch.ops.sparsity_ext.l1_stats_forward(x.detach().half())[3].dtype == torch.float32
 
 
@@ -448,6 +450,9 @@ def test_axes_rule_channels_last_tokens_and_ambiguous_outputs():
     assert records["bare"].rows == 2 * 9 and records["mlp.1"].rows == 2 * 12
     with pytest.raises(ValueError, match="not monitored"):
         SparsityMonitor(tokens, channel_dim={"nope": 1})
+    for bad in (0, 1.0):
+        with pytest.raises(ValueError, match="non-batch dim"):
+            SparsityMonitor(tokens, channel_dim=bad)
 
 
 def test_one_position_outputs_are_skipped_and_the_penalty_averages_over_layers_with_rows():
@@ -520,6 +525,8 @@ def test_a_deepcopy_has_its_own_monitor_and_a_monitored_model_pickles(tmp_path):
     assert [r.sparsity for r in reloaded_monitor.end_epoch(0)] == pytest.approx(
         [r.sparsity for r in records], rel=1e-6
     )
+    clone = pickle.loads(pickle.dumps(monitor))  # a monitor pickles on its own as well
+    assert clone.history == monitor.history and clone.layers.keys() == monitor.layers.keys()
     monitor.remove()
     assert hook_counts(copy.deepcopy(student)) == hook_counts(SmallVGG(1, 10, 8))
 

@@ -149,7 +149,9 @@ def test_tensor_over_2_31_elements_does_not_wrap(layout):
     scale = torch.rand(n, c, 1, 1) * 4 + 0.1  # a different entropy for every row
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.empty(n, c, h, w, dtype=torch.bfloat16, memory_format=memory_format)
-    torch.mul(pattern.expand(n, c, h, w), scale.expand(n, c, h, w), out=x)
+    # bfloat16 operands: float32 ones would make an x-sized float32 temporary (8.6 GB).
+    torch.mul(pattern.to(x.dtype).expand(n, c, h, w), scale.to(x.dtype).expand(n, c, h, w),
+              out=x)
     assert x.numel() > 2**31
     out = sparsity_ext.channel_stats(x)
     for i, j in [(0, 0), (1, 0), (1, 17), (1, c - 1), (0, c - 1)]:

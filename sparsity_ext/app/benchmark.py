@@ -10,14 +10,22 @@ On CUDA every figure (the copy included) is device time per call: one CUDA graph
 call on each of several copies of the input, at least :data:`CUDA_ROTATION_BYTES` in all,
 so no call finds its input in L2 and no launch gap is timed; its replays are timed with
 events. Should a capture fail, the same calls are timed launched back to back instead,
-and the table's ``timing`` column says so. On the CPU each call is timed on its own.
+and the table's ``timing`` column says so.
+
+On the CPU each call is timed on its own, as a user sees it: every (case, mode,
+implementation) runs in a fresh process, its median and 90th percentile are reported, and
+so is the 90th percentile when other allocations come between the calls (:func:`churn`),
+which is when fresh memory costs page faults (see csrc/cpu/recycled_buffers.h).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,16 +72,50 @@ def implementations(normalize: str = "softmax") -> dict[str, Callable]:
     }
 
 
-def time_ms(fn: Callable, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:
-    """Median wall time of ``fn(x)`` in milliseconds, each call timed on its own (CPU)."""
+def time_samples(fn: Callable, x: torch.Tensor, repeats: int, warmup: int = 3,
+                 between: Callable[[], object] | None = None) -> list[float]:
+    """Wall time of each of ``repeats`` calls ``fn(x)`` in milliseconds (CPU), after
+    ``warmup`` untimed calls (torch.compile compiles in its first); ``between`` runs untimed
+    before each timed call."""
     for _ in range(warmup):
         fn(x)
     samples = []
     for _ in range(repeats):
+        if between is not None:
+            between()
         begin = time.perf_counter()
         fn(x)
         samples.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(samples)
+    return samples
+
+
+def time_ms(fn: Callable, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn(x)`` in milliseconds, each call timed on its own (CPU)."""
+    return statistics.median(time_samples(fn, x, repeats, warmup))
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of the samples, linear between order statistics."""
+    ordered = sorted(samples)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def churn(nbytes: int) -> None:
+    """Allocate, write and free tensors of many sizes, 2 ``nbytes`` in all, with every
+    other one freed early: what the rest of a training step does between two calls. Memory
+    the allocator hands out next is then fresh (page faults) or fragmented."""
+    sizes = [2**12, 2**16, 2**20, 2**24, max(nbytes // 2, 2**12), nbytes]
+    kept, total, i = [], 0, 0
+    while total < 2 * nbytes:
+        t = torch.ones(sizes[i % len(sizes)] // 4)
+        total += t.nbytes
+        if i % 2:
+            kept.append(t)
+        i += 1
+    del kept
 
 
 # Bytes of input copies one CUDA timing rotates over: several times any GPU's L2 (50 MB on
@@ -170,9 +212,46 @@ def time_per_call(fn: Callable, inputs: list[torch.Tensor], repeats: int) -> tup
     return time_ms(fn, inputs[0], repeats), "per call"
 
 
+MODES = {"forward": 1, "forward+backward": 3}  # mode: bytes moved, in units of |x|
+
+
+def cpu_series(case: Case, mode: str, impl_name: str, repeats: int) -> dict[str, float]:
+    """One CPU timing series, in this process: median and p90 of ``repeats`` calls, then p90
+    with :func:`churn` before each call. Meant to run in a fresh process (:func:`run_case`)."""
+    x = make_input(case.shape, DTYPES[case.dtype], "cpu")
+    if impl_name == "copy":
+        dst = torch.empty_like(x)
+        samples = time_samples(lambda t: dst.copy_(t), x, repeats)
+        return {"median": statistics.median(samples)}
+    impl = implementations(case.normalize)[impl_name]
+    xr = x.detach().requires_grad_(mode != "forward")
+    fn = impl if mode == "forward" else forward_backward_fn(impl, xr)
+    with torch.no_grad() if mode == "forward" else torch.enable_grad():
+        samples = time_samples(fn, xr, repeats)
+        churned = time_samples(fn, xr, repeats, warmup=0, between=lambda: churn(x.nbytes))
+    return {"median": statistics.median(samples), "p90": percentile(samples, 90),
+            "churn p90": percentile(churned, 90)}
+
+
+def fresh_process_series(case: Case, mode: str, impl_name: str, repeats: int) -> dict:
+    """:func:`cpu_series` in a new Python process."""
+    code = ("import json, sys\n"
+            "from sparsity_ext.app import benchmark as b\n"
+            "case, mode, impl, repeats = json.loads(sys.argv[1])\n"
+            "print(json.dumps(b.cpu_series(b.Case(**case), mode, impl, repeats)))\n")
+    argument = json.dumps([{"device": case.device, "shape": list(case.shape), "dtype": case.dtype,
+                            "normalize": case.normalize}, mode, impl_name, repeats])
+    child = subprocess.run([sys.executable, "-c", code, argument], capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"benchmark child failed on {case} {mode} {impl_name}:\n{child.stderr}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def run_case(case: Case, repeats: int) -> list[dict]:
     x = make_input(case.shape, DTYPES[case.dtype], case.device)
     check_correct(x, case.normalize)
+    if not x.is_cuda:
+        return cpu_rows(case, x, repeats)
     inputs = timed_inputs(x)
     destinations = {id(t): torch.empty_like(t) for t in inputs}  # preallocated, one each
     copy_ms, _ = time_per_call(lambda t: destinations[id(t)].copy_(t), inputs, repeats)
@@ -180,7 +259,7 @@ def run_case(case: Case, repeats: int) -> list[dict]:
     bandwidth = 2 * x.nbytes / (copy_ms * 1e-3)  # bytes per second
     impls = implementations(case.normalize)
     rows = []
-    for mode, bytes_moved in (("forward", x.nbytes), ("forward+backward", 3 * x.nbytes)):
+    for mode, units in MODES.items():
         xr = x.detach().requires_grad_(mode != "forward")
         inputs = timed_inputs(xr)
         times, hows, peak = {}, set(), None
@@ -192,18 +271,43 @@ def run_case(case: Case, repeats: int) -> list[dict]:
                 if name == "ours":
                     peak = peak_extra_mb(fn, xr)
         del inputs
-        floor_ms = bytes_moved / bandwidth * 1e3
-        rows.append({
-            "device": case.device, "shape": "x".join(map(str, case.shape)), "dtype": case.dtype,
-            "normalize": case.normalize, "mode": mode, "ours ms": times["ours"], "eager ms": times["eager"],
-            "compile ms": times["compile"], "floor ms": floor_ms,
-            "ours/eager": times["ours"] / times["eager"],
-            "ours/compile": times["ours"] / times["compile"],
-            "ours/floor": times["ours"] / floor_ms,
-            "copy-BW fraction": floor_ms / times["ours"],
-            "peak extra MB": peak, "x MB": x.nbytes / 2**20, "timing": ", ".join(sorted(hows)),
-        })
+        floor_ms = units * x.nbytes / bandwidth * 1e3
+        rows.append(summary_row(case, mode, x, times, floor_ms) | {
+            "peak extra MB": peak, "timing": ", ".join(sorted(hows))})
     return rows
+
+
+def cpu_rows(case: Case, x: torch.Tensor, repeats: int) -> list[dict]:
+    """The CPU rows of a case, every series from a fresh process."""
+    copy_ms = fresh_process_series(case, "copy", "copy", repeats)["median"]
+    bandwidth = 2 * x.nbytes / (copy_ms * 1e-3)  # bytes per second
+    rows = []
+    for mode, units in MODES.items():
+        series = {name: fresh_process_series(case, mode, name, repeats)
+                  for name in ("ours", "eager", "compile")}
+        times = {name: s["median"] for name, s in series.items()}
+        ours = series["ours"]
+        rows.append(summary_row(case, mode, x, times, units * x.nbytes / bandwidth * 1e3) | {
+            "ours p90 ms": ours["p90"], "ours p90 churn ms": ours["churn p90"],
+            "compile p90 ms": series["compile"]["p90"],
+            "compile p90 churn ms": series["compile"]["churn p90"],
+            "ours p90/median": ours["p90"] / ours["median"]})
+    return rows
+
+
+def summary_row(case: Case, mode: str, x: torch.Tensor, times: dict[str, float],
+                floor_ms: float) -> dict:
+    return {
+        "device": case.device, "shape": "x".join(map(str, case.shape)), "dtype": case.dtype,
+        "normalize": case.normalize, "mode": mode, "ours ms": times["ours"],
+        "eager ms": times["eager"],
+        "compile ms": times["compile"], "floor ms": floor_ms,
+        "ours/eager": times["ours"] / times["eager"],
+        "ours/compile": times["ours"] / times["compile"],
+        "ours/floor": times["ours"] / floor_ms,
+        "copy-BW fraction": floor_ms / times["ours"],
+        "x MB": x.nbytes / 2**20,
+    }
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -243,10 +347,11 @@ def main(device: str | None = None, dtypes: list[str] | None = None, repeats: in
     df = pd.DataFrame(rows)
     report = []
     for dev in devices:
-        part = df[df.device == dev]
-        if dev != "cuda":
-            part = part.drop(columns=["peak extra MB", "timing"])
-        report += [f"{machine_line(dev)}; median of {repeats}", "", to_markdown(part), ""]
+        part = df[df.device == dev].dropna(axis="columns", how="all")
+        how = (f"median of {repeats}" if dev == "cuda" else
+               f"median and p90 of {repeats} calls, each series in a fresh process after 3 "
+               f"warm-up calls; 'churn': other allocations (2 |x|) before each call")
+        report += [f"{machine_line(dev)}; {how}", "", to_markdown(part), ""]
     text = "\n".join(report)
     print(text)
     if out:

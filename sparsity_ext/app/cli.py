@@ -54,6 +54,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .loop import TrainConfig
+    from .study import run_study, study_configs
+
+    names = ("dataset", "data_dir", "model", "epochs", "optimizer", "lr", "device", "train_size")
+    base = TrainConfig(**{name: getattr(args, name) for name in names})
+    configs = study_configs(
+        base, Path(args.out), args.seeds, args.label_noise, args.penalty, args.penalty_normalize
+    )
+    run_study(configs, Path(args.out))
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .plots import plot_run
 
@@ -68,6 +83,7 @@ COMMANDS = {
     "bench": _cmd_bench,
     "train": _cmd_train,
     "plot": _cmd_plot,
+    "study": _cmd_study,
 }
 
 

@@ -12,7 +12,17 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["DATASETS", "Splits", "load_cifar10", "load_dataset", "load_digits"]
+__all__ = [
+    "DATASETS",
+    "DIGITS_TRAIN_SIZE",
+    "Splits",
+    "load_cifar10",
+    "load_dataset",
+    "load_digits",
+    "with_label_noise",
+]
+
+DIGITS_TRAIN_SIZE = 1000  # of 1797 images; the other 797 are the test split
 
 
 class Splits(NamedTuple):
@@ -48,7 +58,7 @@ def load_digits(
 ) -> Splits:
     """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), split at random.
 
-    Default: 300 training images, every other image for testing.
+    Default: :data:`DIGITS_TRAIN_SIZE` training images, every other image for testing.
     """
     from sklearn.datasets import load_digits as sklearn_digits
 
@@ -57,7 +67,7 @@ def load_digits(
     y = bunch.target.astype(np.int64)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
-    n_train = 300 if train_size is None else train_size
+    n_train = DIGITS_TRAIN_SIZE if train_size is None else train_size
     if not 0 < n_train < len(y):
         raise ConfigError(
             f"--train-size for digits must be between 1 and {len(y) - 1}, got {n_train}"
@@ -142,6 +152,26 @@ def load_cifar10(
     return Splits(
         train_t, torch.from_numpy(train_y), test_t, torch.from_numpy(test_y), CIFAR10_CLASSES
     )
+
+
+def with_label_noise(data: Splits, rate: float, seed: int) -> Splits:
+    """``data`` with symmetric noise on the training labels only (the test labels stay clean).
+
+    Exactly ``round(rate * n)`` training samples, chosen at random, get a label drawn
+    uniformly from the *other* ``num_classes - 1`` classes, so ``rate`` is the share of
+    wrong labels. The draw depends only on ``seed`` (the same on every DDP rank).
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ConfigError(f"--label-noise must be in [0, 1), got {rate}")
+    labels = data.train_y.clone()
+    n_noisy = round(rate * len(labels))
+    if n_noisy == 0:
+        return data
+    rng = np.random.default_rng([seed, 1])  # its own stream: the split's draw stays the same
+    chosen = torch.from_numpy(rng.permutation(len(labels))[:n_noisy])
+    shift = torch.from_numpy(rng.integers(1, data.num_classes, n_noisy))
+    labels[chosen] = (labels[chosen] + shift) % data.num_classes  # never the true class
+    return data._replace(train_y=labels)
 
 
 DATASETS: dict[str, Callable[..., Splits]] = {"digits": load_digits, "cifar10": load_cifar10}

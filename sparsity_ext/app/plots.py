@@ -1,4 +1,5 @@
-"""PNG plots of a run: sparsity curves with the losses, a layer x epoch heatmap, and the
+"""PNG plots of a run: every measure's curves per layer with the losses, the test-loss
+minimum, the learning phase and each measure's onset; a layer x epoch heatmap; and the
 per-channel sparsity maps of one test batch.
 
 Drawn with matplotlib's object API onto Agg canvases (no pyplot, no global backend change),
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..overfitting import overfitting_warning
+from ..overfitting import OverfittingWarning, overfitting_warning
 from .run_files import atomic_open, read_run
 
 __all__ = ["plot_channel_maps", "plot_run", "plot_sparsity_curves", "plot_sparsity_heatmap"]
@@ -44,69 +45,76 @@ def _splits(history: pd.DataFrame) -> list[str]:
     return [s for s in SPLITS if s in present] + [s for s in present if s not in SPLITS]
 
 
+MEASURE_LABELS = {
+    "sparsity": "softmax sparsity",
+    "sparsity_l1": "L1 sparsity (scale-invariant)",
+    "zero_fraction": "zero fraction (share <= 0)",
+    "mean_activation": "mean activation",
+}
+
+
 def plot_sparsity_curves(
     history: pd.DataFrame,
     metrics: pd.DataFrame,
     path: str | os.PathLike,
-    rise_epoch: int | None = None,
-    loss_min_epoch: int | None = None,
+    reports: dict[str, OverfittingWarning] | None = None,
 ) -> Path:
-    """One panel per split: each layer's mean sparsity over epochs (left axis, colours from
-    shallow to deep) and the train/test loss (right axis, log scale, black); dotted and
-    dashed verticals mark the sparsity-rise epoch and the test-loss minimum."""
+    """A grid: one row per measure in history (:data:`MEASURE_LABELS`, only the columns
+    present), one column per split, each layer a line (colours shallow to deep); a last
+    row with the train/test loss (log scale) and accuracy. Every panel marks the test-loss
+    minimum (red dashed) and shades the learning phase; a measure's panel marks its onset
+    (orange dotted) from ``reports[split]`` (default: the rule applied to each split)."""
     layers, splits = _layer_order(history), _splits(history)
-    short = _short(layers)
-    colours = _layer_colours(len(layers))
-    fig = Figure(figsize=(6.5 * len(splits), 5.0), layout="constrained")
-    axes = fig.subplots(1, len(splits), squeeze=False)[0]
-    for ax, split in zip(axes, splits):
-        table = history[history["split"] == split].pivot(
-            index="epoch", columns="layer", values="sparsity"
-        )
-        for layer, colour in zip(layers, colours):
-            if layer in table:
-                ax.plot(table.index, table[layer], color=colour, lw=1.8, label=short[layer])
-        ax.set(title=f"sparsity per layer, {split} split", xlabel="epoch", ylabel="mean sparsity")
-        loss_ax = ax.twinx()
-        loss_ax.plot(
-            metrics["epoch"],
-            metrics["train_loss"],
-            color="black",
-            ls="--",
-            lw=1.2,
-            label="train loss",
-        )
-        loss_ax.plot(
-            metrics["epoch"], metrics["test_loss"], color="black", lw=1.2, label="test loss"
-        )
-        loss_ax.set_yscale("log")  # the test loss's late rise is small next to its first drop
-        loss_ax.set_ylabel("cross-entropy loss (log scale)")
-        if rise_epoch is not None:
-            ax.axvline(
-                rise_epoch,
-                color="tab:orange",
-                ls=":",
-                lw=1.5,
-                label=f"sparsity rise (epoch {rise_epoch})",
-            )
-        if loss_min_epoch is not None:
-            ax.axvline(
-                loss_min_epoch,
-                color="tab:red",
-                ls="--",
-                lw=1.2,
-                label=f"test-loss min (epoch {loss_min_epoch})",
-            )
-        handles = ax.get_legend_handles_labels()
-        loss_handles = loss_ax.get_legend_handles_labels()
-    fig.legend(
-        handles[0] + loss_handles[0],
-        handles[1] + loss_handles[1],
-        fontsize=8,
-        loc="outside lower center",
-        ncols=min(len(handles[1]) + 2, 6),
+    short, colours = _short(layers), _layer_colours(len(layers))
+    measures = [m for m in MEASURE_LABELS if m in history]
+    if reports is None:
+        reports = {split: overfitting_warning(history, metrics, split=split) for split in splits}
+    fig = Figure(
+        figsize=(6.0 * len(splits), 2.8 * (len(measures) + 1) + 0.8), layout="constrained"
     )
+    axes = fig.subplots(len(measures) + 1, len(splits), squeeze=False, sharex=True)
+    for col, split in enumerate(splits):
+        rows = history[history["split"] == split]
+        report = reports.get(split)
+        for ax, measure in zip(axes[:, col], measures):
+            table = rows.pivot(index="epoch", columns="layer", values=measure)
+            for layer, colour in zip(layers, colours):
+                if layer in table:
+                    ax.plot(table.index, table[layer], color=colour, lw=1.5, label=short[layer])
+            ax.set(title=f"{MEASURE_LABELS[measure]}, {split} split", ylabel=measure)
+            onset = report.onset(measure) if report is not None else None
+            if onset is not None and onset.onset_epoch is not None:
+                ax.axvline(onset.onset_epoch, color="tab:orange", ls=":", lw=1.8,
+                           label="onset of its sustained rise")  # fmt: skip
+            _mark_phases(ax, report, metrics["epoch"].min())
+    loss_ax, acc_ax = axes[-1, 0], axes[-1, -1]
+    for split, style in (("train", "--"), ("test", "-")):
+        loss_ax.plot(metrics["epoch"], metrics[f"{split}_loss"], "k" + style, lw=1.2,
+                     label=f"{split} loss")  # fmt: skip
+        acc_ax.plot(metrics["epoch"], metrics[f"{split}_acc"], "k" + style, lw=1.2,
+                    label=f"{split} accuracy")  # fmt: skip
+    loss_ax.set(yscale="log", title="cross-entropy loss (log scale)", xlabel="epoch")
+    acc_ax.set(title="accuracy", xlabel="epoch")
+    for ax in {loss_ax, acc_ax}:
+        _mark_phases(ax, reports.get("test"), metrics["epoch"].min())
+        ax.legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center",
+               ncols=min(len(labels), 6))  # fmt: skip
     return _save(fig, path)
+
+
+def _mark_phases(ax, report: OverfittingWarning | None, first_epoch: int) -> None:
+    """Shade the learning phase; a red dashed line at the test-loss minimum."""
+    if report is None or report.test_loss_min_epoch is None:
+        return
+    if report.learning_phase_end is not None:
+        ax.axvspan(first_epoch, report.learning_phase_end, color="0.9", zorder=0,
+                   label=f"learning phase (to epoch {report.learning_phase_end})")  # fmt: skip
+    ax.axvline(report.test_loss_min_epoch, color="tab:red", ls="--", lw=1.2,
+               label=f"test-loss minimum (epoch {report.test_loss_min_epoch})")  # fmt: skip
 
 
 def plot_sparsity_heatmap(history: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -162,16 +170,8 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     RunFileError naming a missing or malformed file)."""
     run_dir = Path(run_dir)
     run = read_run(run_dir)
-    split = ((run.summary or {}).get("overfitting") or {}).get("split", "test")
-    warning = overfitting_warning(run.history, run.metrics, split=split)
     written = [
-        plot_sparsity_curves(
-            run.history,
-            run.metrics,
-            run_dir / CURVES_PNG,
-            warning.sparsity_rise_epoch,
-            warning.test_loss_min_epoch,
-        ),
+        plot_sparsity_curves(run.history, run.metrics, run_dir / CURVES_PNG),
         plot_sparsity_heatmap(run.history, run_dir / HEATMAP_PNG),
     ]
     if run.channel_maps:
