@@ -106,7 +106,7 @@ c10::optional<ResolvedLayout> in_place_layout(const at::Tensor& x) {
 
 }  // namespace
 
-ForwardCall prepare_forward(const at::Tensor& input) {
+ForwardCall prepare_forward(const at::Tensor& input, int64_t row_stats_rows) {
   check_input(input);
   ForwardCall call;
   c10::optional<ResolvedLayout> resolved = in_place_layout(input);
@@ -116,8 +116,8 @@ ForwardCall prepare_forward(const at::Tensor& input) {
   call.entropy = at::empty({n, c}, input.options());
   call.perplexity = at::empty({n, c}, input.options());
   call.sparsity = at::empty({n, c}, input.options());
-  call.row_stats =
-      at::empty({3, n, c}, input.options().dtype(accumulation_type(input.scalar_type())));
+  call.row_stats = at::empty({row_stats_rows, n, c},
+                             input.options().dtype(accumulation_type(input.scalar_type())));
   call.params = ForwardParams{call.x.const_data_ptr(), call.entropy.mutable_data_ptr(),
                               call.perplexity.mutable_data_ptr(), call.sparsity.mutable_data_ptr(),
                               call.row_stats.mutable_data_ptr(), n, c, positions_of(input),
@@ -128,11 +128,12 @@ ForwardCall prepare_forward(const at::Tensor& input) {
 
 BackwardCall prepare_backward(
     const at::Tensor& input, const at::Tensor& row_stats, const at::Tensor& grad_entropy,
-    const at::Tensor& grad_perplexity, const at::Tensor& grad_sparsity, at::Tensor& grad_x) {
+    const at::Tensor& grad_perplexity, const at::Tensor& grad_sparsity, at::Tensor& grad_x,
+    int64_t row_stats_rows) {
   check_input(input);
   const int64_t n = input.size(0), c = input.size(1);
   const at::ScalarType dtype = input.scalar_type();
-  check_argument(row_stats, "row_stats", input, accumulation_type(dtype), {3, n, c});
+  check_argument(row_stats, "row_stats", input, accumulation_type(dtype), {row_stats_rows, n, c});
   check_argument(grad_entropy, "grad_entropy", input, dtype, {n, c});
   check_argument(grad_perplexity, "grad_perplexity", input, dtype, {n, c});
   check_argument(grad_sparsity, "grad_sparsity", input, dtype, {n, c});

@@ -27,11 +27,14 @@ struct BackwardCall {
   BackwardParams params;
 };
 
-ForwardCall prepare_forward(const at::Tensor& x);
+// row_stats_rows: 3 for channel_stats, kL1Stats (4) for l1_stats (l1_stats_params.h);
+// every other check, layout rule and param is shared by the measures.
+ForwardCall prepare_forward(const at::Tensor& x, int64_t row_stats_rows = 3);
 
 // grad_x: shape, dtype and device of x, dense, positions or channels unit-stride.
 BackwardCall prepare_backward(
     const at::Tensor& x, const at::Tensor& row_stats, const at::Tensor& grad_entropy,
-    const at::Tensor& grad_perplexity, const at::Tensor& grad_sparsity, at::Tensor& grad_x);
+    const at::Tensor& grad_perplexity, const at::Tensor& grad_sparsity, at::Tensor& grad_x,
+    int64_t row_stats_rows = 3);
 
 }  // namespace sparsity_ext

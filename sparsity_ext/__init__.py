@@ -8,6 +8,8 @@ from . import reference
 from .ops import (
     ChannelStats,
     ChannelStatsFunction,
+    L1StatsFunction,
+    NORMALIZATIONS,
     channel_stats,
     entropy,
     perplexity,
@@ -20,6 +22,8 @@ from .early_stopping import SparsityEarlyStopping
 __all__ = [
     "ChannelStats",
     "ChannelStatsFunction",
+    "L1StatsFunction",
+    "NORMALIZATIONS",
     "channel_stats",
     "entropy",
     "perplexity",

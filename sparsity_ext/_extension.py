@@ -57,14 +57,14 @@ CPU_SOURCES = ("ops.cpp", "host_prepare.cpp", "cpu/cpu_capability.cpp", "cpu/rec
                "cpu/register_cpu.cpp")
 # CPU kernel files, compiled once per CPU capability: list each once, write it as
 # csrc/cpu/cpu_capability.h says (CPU_CAPABILITY namespace, everything else anonymous).
-CPU_KERNEL_SOURCES = ("cpu/channel_stats_cpu.cpp",)
+CPU_KERNEL_SOURCES = ("cpu/channel_stats_cpu.cpp", "cpu/l1_stats_cpu.cpp")
 # at::vec's x86 vector units and their compiler flags, as ATen builds its own kernels.
 CPU_CAPABILITY_FLAGS = {
     "DEFAULT": (),
     "AVX2": ("-mavx2", "-mfma", "-mf16c"),
     "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"),
 }
-CUDA_SOURCES = ("cuda/channel_stats_cuda.cu", "cuda/register_cuda.cpp")
+CUDA_SOURCES = ("cuda/channel_stats_cuda.cu", "cuda/l1_stats_cuda.cu", "cuda/register_cuda.cpp")
 # Ahead-of-time CUDA builds, and `build --cuda` on a machine without a GPU.
 PORTABLE_CUDA_ARCHS = ("8.0", "9.0+PTX")
 

@@ -51,8 +51,6 @@ per-call means of the latest forward pass.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -71,7 +69,6 @@ __all__ = [
     "SparsityPenalty",
     "SparsityRecord",
     "default_layers",
-    "l1_stats_forward",
 ]
 
 # Modules whose outputs are "the output of a convolution block's activation".
@@ -117,87 +114,20 @@ class SparsityRecord(NamedTuple):
     rows: int
 
 
-# ---------------------------------------------------------------------------------------
-# STAND-IN for the fused native op torch.ops.sparsity_ext.l1_stats_forward (written in
-# another branch). Same contract; `_Backend.l1_stats` uses the native op once it is registered.
-def l1_stats_forward(x: torch.Tensor):
-    """L1-normalised entropy, perplexity and sparsity of every row, plus row statistics.
-
-    For ``x`` ``(N, C, *S)``, each row flattened to ``L`` values, ``a = max(x, 0)``::
-
-        S = sum a,   T = sum a log a  (0 log 0 = 0),   H = log S - T / S,
-        PP = exp(H),   SP = (L - PP) / (L - 1)   (0 when L == 1)
-
-    A dead row (``S == 0``) has ``H = log L``, ``PP = L``, ``SP = 0``.
-
-    Returns ``(entropy, perplexity, sparsity, row_stats)``: the first three ``(N, C)`` in
-    x's dtype; ``row_stats`` ``(4, N, C)`` in float32 (float64 for float64 x) holding
-    ``[S, T / S (0 for a dead row), count of x <= 0, sum of x]``. Differentiable with the
-    ReLU convention: zero gradient where ``x <= 0``, never NaN.
-    """
-    reference.check_input(x)
-    acc = reference.accumulation_dtype(x.dtype)
-    rows = x.flatten(2).to(acc)
-    length = rows.shape[-1]
-    a = rows.clamp_min(0)
-    s = a.sum(-1)
-    dead = s == 0
-    if torch.is_grad_enabled() and x.requires_grad:
-        # log of 1 where a == 0: a * log(a) is 0 there, and so is its gradient (not 0 * inf).
-        t = (a * torch.where(a > 0, a, torch.ones_like(a)).log()).sum(-1)
-        positives = a.detach().sign().sum(-1)
-    else:
-        # One scratch tensor, reused in place: each fresh x-sized temporary costs page
-        # faults on CPU. log(max(a, tiny)) is finite, so a * log is 0 where a == 0.
-        scratch = a.clamp_min(torch.finfo(acc).tiny).log_()
-        t = torch.mul(a, scratch, out=scratch).sum(-1)
-        positives = torch.sign(a, out=scratch).sum(-1)  # a.sign() is 1 where x > 0
-    s_safe = torch.where(dead, torch.ones_like(s), s)
-    t_over_s = torch.where(dead, torch.zeros_like(s), t / s_safe)
-    entropy = torch.where(dead, torch.full_like(s, math.log(length)), s_safe.log() - t_over_s)
-    perplexity = torch.where(dead, torch.full_like(s, length), entropy.exp())  # exact L, SP 0
-    sparsity = (length - perplexity) / (length - 1) if length > 1 else perplexity * 0
-    zeros = length - positives  # count of x <= 0
-    row_stats = torch.stack([s, t_over_s, zeros, rows.sum(-1)])
-    return entropy.to(x.dtype), perplexity.to(x.dtype), sparsity.to(x.dtype), row_stats
-# END STAND-IN
-# ---------------------------------------------------------------------------------------
-
-
 class _Backend(NamedTuple):
     """Which native kernels serve the monitor, resolved once (outside any compiled graph:
     the extension loader takes a lock, which torch.compile cannot trace)."""
 
-    kernel_devices: frozenset  # device types with the fused channel_stats kernels
-    native_l1: bool  # torch.ops.sparsity_ext.l1_stats_forward is registered
-    l1_graph_impl: object  # differentiable L1 stats for the penalty
+    kernel_devices: frozenset  # device types with the fused CPU/CUDA kernels
 
     @staticmethod
     def resolve() -> _Backend:
-        status = _extension.load()
-        native_l1 = status.loaded and hasattr(torch.ops.sparsity_ext, "l1_stats_forward")
-        l1_graph_impl = None
-        for impl in (ops.channel_stats, reference.channel_stats):
-            if "normalize" in inspect.signature(impl).parameters:
-                l1_graph_impl = functools.partial(impl, normalize="l1")
-                break
-        if l1_graph_impl is None:  # until the fused L1 op lands: the differentiable stand-in
-            l1_graph_impl = _stand_in_l1_channel_stats
-        return _Backend(frozenset(status.devices), native_l1, l1_graph_impl)
-
-    def l1_stats(self, x: torch.Tensor):
-        """``l1_stats_forward``'s contract, through the native op when it is registered."""
-        if self.native_l1 and x.device.type in self.kernel_devices:
-            return torch.ops.sparsity_ext.l1_stats_forward(x)
-        return l1_stats_forward(x)
+        return _Backend(frozenset(_extension.load().devices))
 
     def graph_stats(self, x: torch.Tensor, normalize: str) -> reference.ChannelStats:
-        """Graph-connected per-row stats of ``normalize``, for the penalty."""
-        if normalize == "l1":
-            return self.l1_graph_impl(x)
-        if x.device.type in self.kernel_devices:
-            return ops.channel_stats(x)  # the Function now also returns the lse
-        return reference.channel_stats(x)
+        """Graph-connected per-row stats of ``normalize``, for the penalty: the public op
+        (fused kernels where built, the reference elsewhere)."""
+        return ops.channel_stats(x, normalize=normalize)
 
     def softmax_rows(self, x: torch.Tensor):
         """(entropy, sparsity) of every row, each ``(N, C)`` in the accumulation dtype."""
@@ -215,16 +145,14 @@ class _Backend(NamedTuple):
 
     def l1_rows(self, x: torch.Tensor):
         """(entropy, sparsity, S, count of x <= 0, sum of x) per row, accumulation dtype."""
-        entropy, _, sparsity, row_stats = self.l1_stats(x)
+        # One read of x by the fused op (its plain PyTorch fallback on devices without
+        # kernels); row_stats (4, N, C) = [S, T/S, count of x <= 0, sum of x].
+        entropy, _, sparsity, row_stats = torch.ops.sparsity_ext.l1_stats_forward(x)
         if x.dtype != row_stats.dtype:
             s, t_over_s = row_stats[0], row_stats[1]
             entropy = torch.where(s == 0, math.log(x.shape[2:].numel()), s.log() - t_over_s)
             sparsity = _sparsity_from_entropy(entropy, x.shape[2:].numel())
         return entropy, sparsity, row_stats[0], row_stats[2], row_stats[3]
-
-
-def _stand_in_l1_channel_stats(x: torch.Tensor) -> reference.ChannelStats:
-    return reference.ChannelStats(*l1_stats_forward(x)[:3])
 
 
 def _sparsity_from_entropy(entropy: torch.Tensor, length: int) -> torch.Tensor:

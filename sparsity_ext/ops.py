@@ -1,7 +1,9 @@
 """The operators: schemas, fake, fallback, autograd and vmap registrations, public functions.
 
 Each measure is served by one pair of native ops in the ``sparsity_ext`` namespace, defined
-here (the C++ library only registers CPU and CUDA kernels for them); for ``channel_stats``:
+here (the C++ library only registers CPU and CUDA kernels for them): ``channel_stats`` (the
+softmax measure) and ``l1_stats`` (the L1 measure, whose ``row_stats`` is ``(4, N, C)``:
+S, T/S, count of x <= 0, sum of x; see reference.py). For ``channel_stats``:
 
 - ``channel_stats_forward(x) -> (entropy, perplexity, sparsity, row_stats)``
 - ``channel_stats_backward(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity) -> grad_x``
@@ -31,15 +33,16 @@ so that they differentiate again.
 
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
 
 from . import _extension, reference
-from .reference import ChannelStats
+from .reference import NORMALIZATIONS, ChannelStats
 
-__all__ = ["ChannelStats", "ChannelStatsFunction", "channel_stats", "entropy", "perplexity",
-           "sparsity"]
+__all__ = ["ChannelStats", "ChannelStatsFunction", "L1StatsFunction", "NORMALIZATIONS",
+           "channel_stats", "entropy", "perplexity", "sparsity"]
 
 NAMESPACE = "sparsity_ext"
 
@@ -74,6 +77,10 @@ class Measure:
 
 CHANNEL_STATS = Measure("channel_stats", 3, reference.channel_stats, reference.row_stats,
                         reference.entropy_derivatives)
+# The scale-invariant L1 measure; row_stats (4, N, C): S, T/S, count of x <= 0, sum of x
+# (the last two serve the monitor from the same read of x).
+L1_STATS = Measure("l1_stats", 4, functools.partial(reference.channel_stats, normalize="l1"),
+                   reference.l1_row_stats, reference.l1_entropy_derivatives)
 
 
 # --- shared pieces --------------------------------------------------------------------
@@ -412,6 +419,12 @@ torch.library.register_fake(f"{NAMESPACE}::_empty_recycled",
 ChannelStatsBackwardFunction = _backward_function(CHANNEL_STATS)
 ChannelStatsFunction = _forward_function(CHANNEL_STATS, ChannelStatsBackwardFunction)
 _register(CHANNEL_STATS, ChannelStatsFunction, ChannelStatsBackwardFunction)
+L1StatsBackwardFunction = _backward_function(L1_STATS)
+L1StatsFunction = _forward_function(L1_STATS, L1StatsBackwardFunction)
+_register(L1_STATS, L1StatsFunction, L1StatsBackwardFunction)
+
+# normalize= of the public functions -> (measure, its differentiable forward Function).
+MEASURES = {"softmax": (CHANNEL_STATS, ChannelStatsFunction), "l1": (L1_STATS, L1StatsFunction)}
 
 # The CPU and CUDA kernels (built on first use, then cached); until and unless they load,
 # the reference kernels registered above serve every call.
@@ -421,40 +434,63 @@ _extension.load()
 # --- public functions -------------------------------------------------------------------
 
 
+def measure_of(normalize: str) -> Measure:
+    """The Measure serving ``normalize`` ("softmax" or "l1"); ValueError naming the choices
+    otherwise."""
+    if normalize not in MEASURES:
+        raise ValueError(f"sparsity_ext: normalize must be one of {NORMALIZATIONS}, got "
+                         f"{normalize!r}")
+    return MEASURES[normalize][0]
+
+
 @torch.jit.ignore  # TorchScript calls it through Python (see README: TorchScript)
-def channel_stats(x: torch.Tensor) -> ChannelStats:
-    """Entropy, perplexity and sparsity of the spatial softmax of every (sample, channel).
+def _channel_stats(x: torch.Tensor, normalize: str) -> ChannelStats:
+    """:func:`channel_stats` without the default argument: TorchScript gives none to an
+    ignored function, so the public functions are plain (scriptable) wrappers of this."""
+    measure = measure_of(normalize)
+    reference.check_input(x)
+    entropy, perplexity, sparsity, _ = _differentiable(
+        MEASURES[normalize][1], measure.forward_op, x)
+    return ChannelStats(entropy, perplexity, sparsity)
+
+
+def channel_stats(x: torch.Tensor, normalize: str = "softmax") -> ChannelStats:
+    """Entropy, perplexity and sparsity of the spatial distribution of every (sample, channel).
 
     Args:
         x: ``(N, C, *S)`` with at least one spatial dim, float16/bfloat16/float32/float64,
             dense (strided) with any strides, any device.
+        normalize: how a row ``x[n, c]`` (flattened to ``L = prod(S)`` positions) becomes a
+            distribution ``p``:
+
+            - ``"softmax"`` (the paper's measure): ``p = softmax(x[n, c])``. ``-inf`` masks
+              a position; NaN or ``+inf`` in a row makes its outputs and gradient NaN.
+            - ``"l1"`` (scale invariant): ``p = a / S`` with ``a = max(x, 0)``,
+              ``S = sum a``, so ``H = log S - T / S`` with ``T = sum a log a``. A dead row
+              (``S == 0``) gets ``H = log L, PP = L, SP = 0`` and zero gradient; the gradient
+              is ``dH/dx_i = -(log a_i - T/S) / S`` where ``x_i > 0`` and exactly 0 where
+              ``x_i <= 0`` (the ReLU convention); NaN or ``+inf`` in a row gives NaN.
 
     Returns:
         ``ChannelStats(entropy, perplexity, sparsity)``, each ``(N, C)`` in x's dtype and
-        device, accumulated in float32 (float64 for float64). With ``L = prod(S)`` and
-        ``p = softmax(x[n, c].flatten())``: ``H = -sum p log p``, ``PP = exp(H)``,
-        ``SP = (L - PP) / (L - 1)`` (0 when L == 1). Differentiable to any order, in
-        forward and reverse mode, under every torch.func transform and torch.compile.
+        device, accumulated in float32 (float64 for float64): ``H = -sum p log p``,
+        ``PP = exp(H)``, ``SP = (L - PP) / (L - 1)`` (0 when L == 1). Differentiable to any
+        order, in forward and reverse mode, under every torch.func transform and
+        torch.compile; one fused read of x forward and one elementwise pass backward.
     """
-    reference.check_input(x)
-    entropy, perplexity, sparsity, _ = _differentiable(
-        ChannelStatsFunction, CHANNEL_STATS.forward_op, x)
-    return ChannelStats(entropy, perplexity, sparsity)
+    return _channel_stats(x, normalize)
 
 
-@torch.jit.ignore  # TorchScript calls it through Python (see README: TorchScript)
-def entropy(x: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of the spatial softmax of every row of ``x`` ``(N, C, *S)`` -> ``(N, C)``."""
-    return channel_stats(x).entropy
+def entropy(x: torch.Tensor, normalize: str = "softmax") -> torch.Tensor:
+    """Entropy (nats) of every row of ``x`` ``(N, C, *S)`` -> ``(N, C)`` (see channel_stats)."""
+    return _channel_stats(x, normalize).entropy
 
 
-@torch.jit.ignore  # TorchScript calls it through Python (see README: TorchScript)
-def perplexity(x: torch.Tensor) -> torch.Tensor:
+def perplexity(x: torch.Tensor, normalize: str = "softmax") -> torch.Tensor:
     """Perplexity ``exp(entropy)``, in ``[1, L]``, of every row of ``x`` -> ``(N, C)``."""
-    return channel_stats(x).perplexity
+    return _channel_stats(x, normalize).perplexity
 
 
-@torch.jit.ignore  # TorchScript calls it through Python (see README: TorchScript)
-def sparsity(x: torch.Tensor) -> torch.Tensor:
+def sparsity(x: torch.Tensor, normalize: str = "softmax") -> torch.Tensor:
     """Sparsity ``(L - perplexity) / (L - 1)``, in ``[0, 1]``, of every row -> ``(N, C)``."""
-    return channel_stats(x).sparsity
+    return _channel_stats(x, normalize).sparsity

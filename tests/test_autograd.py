@@ -1,6 +1,9 @@
 """Every autograd path of the operator against autograd of the float64 reference: reverse
 mode to second order, forward mode, every torch.func transform, direct torch.ops calls, in
-float64 and in the channels_last layout. Paths that are refused must say what to do."""
+float64 and in the channels_last layout, for the softmax measure and (where marked with
+`normalize`) the L1 measure. Paths that are refused must say what to do."""
+
+import functools
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from testing import compiled, reference, sparsity_ext, with_layout
 
 LAYOUTS = ["contiguous", "channels_last"]
 OUTPUTS = ("entropy", "perplexity", "sparsity")
+NORMALIZATIONS = ["softmax", "l1"]
 TOL = dict(rtol=1e-9, atol=1e-11)
 
 
@@ -27,12 +31,21 @@ def _mix(stats):
     return 0.7 * entropy + 0.2 * perplexity - 1.3 * sparsity
 
 
-def ours(x):
-    return _mix(sparsity_ext.channel_stats(x))
+def ours(x, normalize="softmax"):
+    return _mix(sparsity_ext.channel_stats(x, normalize))
 
 
-def exact(x):
-    return _mix(reference.channel_stats(x))
+def exact(x, normalize="softmax"):
+    return _mix(reference.channel_stats(x, normalize))
+
+
+_ours, _exact = ours, exact  # the module-level ones, for tests that shadow the names
+
+
+def native_ops(normalize):
+    """The (forward, backward) native ops of the measure behind ``normalize``."""
+    measure = sparsity_ext.ops.measure_of(normalize)
+    return measure.forward_op, measure.backward_op
 
 
 def _assert_same(a, b):
@@ -46,10 +59,12 @@ def test_the_fused_kernel_is_what_gets_differentiated():
     assert compiled("cpu"), sparsity_ext._extension.load().describe()
 
 
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradcheck_and_gradgradcheck_all_modes(layout):
+def test_gradcheck_and_gradgradcheck_all_modes(layout, normalize):
     x = _input(layout).requires_grad_(True)
-    for function in (lambda t: tuple(sparsity_ext.channel_stats(t)), ours):
+    for function in (lambda t: tuple(sparsity_ext.channel_stats(t, normalize)),
+                     lambda t: ours(t, normalize)):
         assert torch.autograd.gradcheck(function, (x,), check_forward_ad=True,
                                         check_batched_grad=True,
                                         check_batched_forward_grad=True)
@@ -57,24 +72,27 @@ def test_gradcheck_and_gradgradcheck_all_modes(layout):
                                             check_rev_over_rev=True, check_batched_grad=True)
 
 
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_backward_op_gradcheck_and_gradgradcheck(layout):
+def test_backward_op_gradcheck_and_gradgradcheck(layout, normalize):
     x = _input(layout).requires_grad_(True)
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(2, 3, generator=g, dtype=torch.float64).requires_grad_(True)
              for _ in range(3)]
 
+    forward_op, backward_op = native_ops(normalize)
+
     def backward(t, *gs):
-        row_stats = torch.ops.sparsity_ext.channel_stats_forward(t)[3]
-        return torch.ops.sparsity_ext.channel_stats_backward(t, row_stats, *gs)
+        return backward_op(t, forward_op(t)[3], *gs)
 
     assert torch.autograd.gradcheck(backward, (x, *grads), check_forward_ad=True,
                                     check_batched_grad=True)
     assert torch.autograd.gradgradcheck(backward, (x, *grads))
 
 
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_double_backward_of_a_gradient_penalty(layout):
+def test_double_backward_of_a_gradient_penalty(layout, normalize):
     """grad(create_graph=True), then grad again, on a loss mixing our op and other terms."""
     def penalty(f, x):
         x = x.detach().requires_grad_(True)
@@ -83,7 +101,8 @@ def test_double_backward_of_a_gradient_penalty(layout):
         return torch.autograd.grad(g.square().sum(), x)[0]
 
     x = _input(layout)
-    _assert_same(penalty(ours, x), penalty(exact, x))
+    _assert_same(penalty(lambda t: ours(t, normalize), x),
+                 penalty(lambda t: exact(t, normalize), x))
 
 
 def test_gradient_penalty_reaches_a_conv_weight():
@@ -102,8 +121,10 @@ def test_gradient_penalty_reaches_a_conv_weight():
     _assert_same(weight_grad(ours), weight_grad(exact))
 
 
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_forward_mode(layout):
+def test_forward_mode(layout, normalize):
+    ours, exact = (functools.partial(f, normalize=normalize) for f in (_ours, _exact))
     x = _input(layout)
     tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(3),
                           dtype=torch.float64)
@@ -116,12 +137,13 @@ def test_forward_mode(layout):
 
     _assert_same(dual(ours), dual(exact))
     # the native op called directly, too
-    _assert_same(dual(lambda t: _mix(torch.ops.sparsity_ext.channel_stats_forward(t)[:3])),
-                 dual(exact))
+    _assert_same(dual(lambda t: _mix(native_ops(normalize)[0](t)[:3])), dual(exact))
 
 
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_grad_jacrev_and_hessian(layout):
+def test_grad_jacrev_and_hessian(layout, normalize):
+    ours, exact = (functools.partial(f, normalize=normalize) for f in (_ours, _exact))
     x = _input(layout)
     _assert_same(func.grad(lambda t: ours(t).sum())(x), func.grad(lambda t: exact(t).sum())(x))
     _assert_same(func.jacrev(ours)(x), func.jacrev(exact)(x))
@@ -131,16 +153,18 @@ def test_grad_jacrev_and_hessian(layout):
                  func.hessian(lambda t: exact(t).sum())(x))
 
 
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_vmap_and_vmap_of_grad(layout):
+def test_vmap_and_vmap_of_grad(layout, normalize):
+    ours, exact = (functools.partial(f, normalize=normalize) for f in (_ours, _exact))
     xs = torch.stack([_input(layout, seed=s) for s in range(4)])  # (B, N, C, H, W)
     _assert_same(func.vmap(ours)(xs), func.vmap(exact)(xs))
     _assert_same(func.vmap(ours, in_dims=2)(xs.movedim(0, 2)), func.vmap(exact)(xs))
     _assert_same(func.vmap(func.grad(lambda t: ours(t).sum()))(xs),
                  func.vmap(func.grad(lambda t: exact(t).sum()))(xs))
     # the native ops under vmap without autograd
-    _assert_same(func.vmap(lambda t: torch.ops.sparsity_ext.channel_stats_forward(t)[0])(xs),
-                 func.vmap(reference.entropy)(xs))
+    _assert_same(func.vmap(lambda t: native_ops(normalize)[0](t)[0])(xs),
+                 func.vmap(lambda t: reference.entropy(t, normalize))(xs))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

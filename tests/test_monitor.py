@@ -170,7 +170,8 @@ def test_explicit_split_disabled_monitor_and_capture():
     monitor.remove()
 
 
-def test_penalty_gradient_matches_autograd_of_the_reference():
+@pytest.mark.parametrize("normalize", ["softmax", "l1"])
+def test_penalty_gradient_matches_autograd_of_the_reference(normalize):
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1),
         nn.ReLU(),
@@ -181,7 +182,7 @@ def test_penalty_gradient_matches_autograd_of_the_reference():
     ).double()
     x = torch.randn(5, 2, 8, 8, dtype=torch.float64, requires_grad=True)
     weight = float(torch.rand(()) * 2 + 0.1)
-    penalty = SparsityPenalty(model, weight)
+    penalty = SparsityPenalty(model, weight, normalize=normalize)
     assert list(penalty.monitor.layers) == ["1", "3"]
     model(x)
     value = penalty()
@@ -189,7 +190,8 @@ def test_penalty_gradient_matches_autograd_of_the_reference():
 
     a1 = model[1](model[0](x))
     a2 = model[3](model[2](a1))
-    expected = weight * (reference.sparsity(a1).mean() + reference.sparsity(a2).mean()) / 2
+    expected = weight * (reference.sparsity(a1, normalize).mean()
+                         + reference.sparsity(a2, normalize).mean()) / 2
     expected_grads = torch.autograd.grad(expected, [x, *model.parameters()], allow_unused=True)
     torch.testing.assert_close(value, expected)
     for got, want in zip(grads, expected_grads):
@@ -324,13 +326,13 @@ def test_every_column_equals_a_float64_hand_formula(dtype):
             assert getattr(record, field) == pytest.approx(value, rel=rel, abs=rel), (name, field)
 
 
-def test_the_l1_stand_in_keeps_the_native_contract_and_its_gradient():
+def test_the_l1_op_the_monitor_reads_keeps_its_contract_and_gradient():
     torch.manual_seed(0)
     x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
     x[0, 1] = -x[0, 1].abs()  # a dead row
     x[1, 2, 0, 0] = 0.0  # an exact zero on a live row
     x.requires_grad_(True)
-    entropy, perplexity, sparsity, row_stats = monitor_module.l1_stats_forward(x)
+    entropy, perplexity, sparsity, row_stats = torch.ops.sparsity_ext.l1_stats_forward(x)
     assert row_stats.shape == (4, 3, 4) and row_stats.dtype == torch.float64
     rows = x.detach().flatten(2)
     a = rows.clamp_min(0)
@@ -347,9 +349,9 @@ def test_the_l1_stand_in_keeps_the_native_contract_and_its_gradient():
     torch.testing.assert_close(grad.flatten(2), expected)
     assert grad.isfinite().all() and (grad.flatten(2)[~live] == 0).all()
     # Scale invariance of the L1 measure; float32 row_stats for 16-bit input.
-    scaled = monitor_module.l1_stats_forward(x.detach() * 7.5)[2]
+    scaled = torch.ops.sparsity_ext.l1_stats_forward(x.detach() * 7.5)[2]
     torch.testing.assert_close(scaled, sparsity.detach())
-    assert monitor_module.l1_stats_forward(x.detach().half())[3].dtype == torch.float32
+    assert torch.ops.sparsity_ext.l1_stats_forward(x.detach().half())[3].dtype == torch.float32
 
 
 class TwiceCalled(nn.Module):

@@ -1,9 +1,10 @@
-// CPU registration of the channel_stats operators: tensors -> params -> the kernel build
-// for this process's CPU capability (cpu_capability.h).
+// CPU registration of the channel_stats and l1_stats operators: tensors -> params -> the
+// kernel build for this process's CPU capability (cpu_capability.h).
 #include <torch/library.h>
 
 #include "../host_prepare.h"
 #include "channel_stats_cpu.h"
+#include "l1_stats_cpu.h"
 #include "recycled_buffers.h"
 
 namespace sparsity_ext {
@@ -24,11 +25,28 @@ void backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
   SPARSITY_EXT_CPU_KERNEL(channel_stats_backward_cpu)(call.params);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> l1_forward_cpu(const at::Tensor& x) {
+  const ForwardCall call = prepare_forward(x, kL1Stats);
+  if (call.entropy.numel() > 0) SPARSITY_EXT_CPU_KERNEL(l1_stats_forward_cpu)(call.params);
+  return call.outputs();
+}
+
+void l1_backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
+                     const at::Tensor& grad_entropy, const at::Tensor& grad_perplexity,
+                     const at::Tensor& grad_sparsity, at::Tensor& grad_x) {
+  const BackwardCall call = prepare_backward(x, row_stats, grad_entropy, grad_perplexity,
+                                             grad_sparsity, grad_x, kL1Stats);
+  if (grad_x.numel() == 0) return;
+  SPARSITY_EXT_CPU_KERNEL(l1_stats_backward_cpu)(call.params);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsity_ext, CPU, m) {
   m.impl("channel_stats_forward", &forward_cpu);
   m.impl("channel_stats_backward.out", &backward_cpu);
+  m.impl("l1_stats_forward", &l1_forward_cpu);
+  m.impl("l1_stats_backward.out", &l1_backward_cpu);
   m.impl("_empty_recycled", &empty_recycled);
 }
 

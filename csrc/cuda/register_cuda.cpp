@@ -1,4 +1,4 @@
-// CUDA kernels of the channel_stats operators: host checks (host_prepare), device guard,
+// CUDA kernels of the channel_stats and l1_stats operators: host checks (host_prepare), device guard,
 // current stream, then the torch-free launchers of channel_stats_cuda.cu.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,6 +10,8 @@
 
 #include "../host_prepare.h"
 #include "channel_stats_cuda.h"
+#include "l1_stats_cuda.h"
+#include "../l1_stats_params.h"
 
 namespace sparsity_ext {
 namespace {
@@ -50,10 +52,36 @@ void channel_stats_backward_cuda_op(const at::Tensor& x, const at::Tensor& row_s
   }
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> l1_stats_forward_cuda_op(
+    const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "sparsity_ext: expected x on a CUDA device, got ", x.device());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const ForwardCall call = prepare_forward(x, kL1Stats);
+  if (call.entropy.numel() > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    run_launch([&] { l1_stats_forward_cuda(call.params, stream); });
+  }
+  return call.outputs();
+}
+
+void l1_stats_backward_cuda_op(const at::Tensor& x, const at::Tensor& row_stats,
+                               const at::Tensor& grad_entropy, const at::Tensor& grad_perplexity,
+                               const at::Tensor& grad_sparsity, at::Tensor& grad_x) {
+  const BackwardCall call = prepare_backward(x, row_stats, grad_entropy, grad_perplexity,
+                                             grad_sparsity, grad_x, kL1Stats);
+  const c10::cuda::CUDAGuard device_guard(grad_x.device());
+  if (grad_x.numel() > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    run_launch([&] { l1_stats_backward_cuda(call.params, stream); });
+  }
+}
+
 }  // namespace
 }  // namespace sparsity_ext
 
 TORCH_LIBRARY_IMPL(sparsity_ext, CUDA, m) {
   m.impl("channel_stats_forward", &sparsity_ext::channel_stats_forward_cuda_op);
   m.impl("channel_stats_backward.out", &sparsity_ext::channel_stats_backward_cuda_op);
+  m.impl("l1_stats_forward", &sparsity_ext::l1_stats_forward_cuda_op);
+  m.impl("l1_stats_backward.out", &sparsity_ext::l1_stats_backward_cuda_op);
 }

@@ -1,5 +1,6 @@
 """`python -m sparsity_ext bench`: ours against eager PyTorch, torch.compile and the
-copy-bandwidth floor, all measured in the same process on the same input.
+copy-bandwidth floor, all measured in the same process on the same input, for both
+measures (``normalize`` column: the softmax one and the L1 one).
 
 The floor is the bytes the op must move over the copy bandwidth measured here (a
 preallocated ``dst.copy_(x)`` moves 2 |x| bytes): the forward reads x once (|x|), the
@@ -40,6 +41,7 @@ CUDA_SHAPES = CPU_SHAPES + [(128, 64, 112, 112), (256, 256, 56, 56), (256, 512, 
                             (1024, 2048, 7, 7)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
+NORMALIZATIONS = ("softmax", "l1")  # the two measures (normalize= of sparsity_ext.channel_stats)
 
 
 def make_input(shape, dtype, device) -> torch.Tensor:
@@ -59,13 +61,14 @@ def forward_backward_fn(impl: Callable, x: torch.Tensor) -> Callable[[torch.Tens
     return run
 
 
-def implementations() -> dict[str, Callable]:
+def implementations(normalize: str = "softmax") -> dict[str, Callable]:
     """Fresh compiled reference each time: no dynamic-shape reuse across cases."""
     torch._dynamo.reset()
+    exact = functools.partial(reference.channel_stats, normalize=normalize)
     return {
-        "ours": ops.channel_stats,
-        "eager": reference.channel_stats,
-        "compile": torch.compile(reference.channel_stats, dynamic=False),
+        "ours": functools.partial(ops.channel_stats, normalize=normalize),
+        "eager": exact,
+        "compile": torch.compile(exact, dynamic=False),
     }
 
 
@@ -178,13 +181,14 @@ def peak_extra_mb(fn: Callable, x: torch.Tensor) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def check_correct(x: torch.Tensor) -> None:
+def check_correct(x: torch.Tensor, normalize: str = "softmax") -> None:
     """Benchmarks check correctness before they time."""
-    ours = ops.channel_stats(x).entropy.double()
-    exact = reference.channel_stats(x.double()).entropy
+    ours = ops.channel_stats(x, normalize).entropy.double()
+    exact = reference.channel_stats(x.double(), normalize).entropy
     tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-4
     if not torch.allclose(ours, exact, rtol=tol, atol=tol):
-        raise AssertionError(f"ours disagrees with the reference on {tuple(x.shape)} {x.dtype}")
+        raise AssertionError(f"ours disagrees with the reference on {tuple(x.shape)} {x.dtype} "
+                             f"(normalize={normalize!r})")
 
 
 @dataclass
@@ -192,6 +196,7 @@ class Case:
     device: str
     shape: tuple
     dtype: str
+    normalize: str = "softmax"
 
 
 def timed_inputs(x: torch.Tensor) -> list[torch.Tensor]:
@@ -218,7 +223,7 @@ def cpu_series(case: Case, mode: str, impl_name: str, repeats: int) -> dict[str,
         dst = torch.empty_like(x)
         samples = time_samples(lambda t: dst.copy_(t), x, repeats)
         return {"median": statistics.median(samples)}
-    impl = implementations()[impl_name]
+    impl = implementations(case.normalize)[impl_name]
     xr = x.detach().requires_grad_(mode != "forward")
     fn = impl if mode == "forward" else forward_backward_fn(impl, xr)
     with torch.no_grad() if mode == "forward" else torch.enable_grad():
@@ -234,8 +239,8 @@ def fresh_process_series(case: Case, mode: str, impl_name: str, repeats: int) ->
             "from sparsity_ext.app import benchmark as b\n"
             "case, mode, impl, repeats = json.loads(sys.argv[1])\n"
             "print(json.dumps(b.cpu_series(b.Case(**case), mode, impl, repeats)))\n")
-    argument = json.dumps([{"device": case.device, "shape": list(case.shape), "dtype": case.dtype},
-                           mode, impl_name, repeats])
+    argument = json.dumps([{"device": case.device, "shape": list(case.shape), "dtype": case.dtype,
+                            "normalize": case.normalize}, mode, impl_name, repeats])
     child = subprocess.run([sys.executable, "-c", code, argument], capture_output=True, text=True)
     if child.returncode != 0:
         raise RuntimeError(f"benchmark child failed on {case} {mode} {impl_name}:\n{child.stderr}")
@@ -244,7 +249,7 @@ def fresh_process_series(case: Case, mode: str, impl_name: str, repeats: int) ->
 
 def run_case(case: Case, repeats: int) -> list[dict]:
     x = make_input(case.shape, DTYPES[case.dtype], case.device)
-    check_correct(x)
+    check_correct(x, case.normalize)
     if not x.is_cuda:
         return cpu_rows(case, x, repeats)
     inputs = timed_inputs(x)
@@ -252,7 +257,7 @@ def run_case(case: Case, repeats: int) -> list[dict]:
     copy_ms, _ = time_per_call(lambda t: destinations[id(t)].copy_(t), inputs, repeats)
     del inputs, destinations
     bandwidth = 2 * x.nbytes / (copy_ms * 1e-3)  # bytes per second
-    impls = implementations()
+    impls = implementations(case.normalize)
     rows = []
     for mode, units in MODES.items():
         xr = x.detach().requires_grad_(mode != "forward")
@@ -294,7 +299,8 @@ def summary_row(case: Case, mode: str, x: torch.Tensor, times: dict[str, float],
                 floor_ms: float) -> dict:
     return {
         "device": case.device, "shape": "x".join(map(str, case.shape)), "dtype": case.dtype,
-        "mode": mode, "ours ms": times["ours"], "eager ms": times["eager"],
+        "normalize": case.normalize, "mode": mode, "ours ms": times["ours"],
+        "eager ms": times["eager"],
         "compile ms": times["compile"], "floor ms": floor_ms,
         "ours/eager": times["ours"] / times["eager"],
         "ours/compile": times["ours"] / times["compile"],
@@ -336,7 +342,8 @@ def main(device: str | None = None, dtypes: list[str] | None = None, repeats: in
         shapes = CUDA_SHAPES if dev == "cuda" else CPU_SHAPES
         for shape in shapes:
             for dtype in dtypes:
-                rows.extend(run_case(Case(dev, shape, dtype), repeats))
+                for normalize in NORMALIZATIONS:
+                    rows.extend(run_case(Case(dev, shape, dtype, normalize), repeats))
     df = pd.DataFrame(rows)
     report = []
     for dev in devices:

@@ -1,0 +1,510 @@
+// CPU kernels of l1_stats (the L1 measure of l1_state.h), vectorised with at::vec and
+// parallel over rows.
+//
+// Forward, per row: one pass that folds every vector of x into four vector accumulators
+// (S, T, sum of x, count of live positions), one log per element (a polynomial log2 on
+// AVX-512, the cost that matters) and no exp or max; rows are then finished 16 (8 for
+// double) at a time with vector log and exp. kRows walks each row with unit stride and
+// reduces the lanes at its end, except short rows (<= 64 positions), which are gathered one
+// row per lane; kChannelsLast puts consecutive channels of one sample side by side in a
+// vector (one lane per row) and walks the positions, so no horizontal reduction is needed.
+// Each row is always folded in the same order, whatever the thread count: same bits.
+//
+// Backward, per element: grad_x = coef * (log x - T/S) where x > 0, else 0, with one coef
+// per row (l1_backward_coefficient of l1_state.h).
+#include "l1_stats_cpu.h"
+
+#if !defined(CPU_CAPABILITY)
+#error "compile once per CPU capability with -DCPU_CAPABILITY=<cap> (see cpu_capability.h)"
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "../l1_state.h"
+
+namespace sparsity_ext {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Elements per task handed to a thread: enough to amortise the scheduling.
+constexpr int64_t kElementsPerTask = 1 << 15;
+// How far ahead the forward prefetches: bytes along a row, positions in channels last.
+constexpr int64_t kPrefetchBytes = 1024;
+constexpr int64_t kPrefetchPositions = 16;
+
+// Prefetch the line `bytes` past p. Done on integers: the address may lie past the end of
+// the tensor (pointer arithmetic there would be undefined; a prefetch never faults).
+inline void prefetch_ahead(const void* p, int64_t bytes) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + bytes));
+}
+
+// kWidth elements of scalar_t as kVecs vectors of acc_t (two for 16-bit types). Lanes past
+// `count` read as 0, which is not live and adds nothing to any sum.
+template <typename scalar_t>
+struct Pack {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr bool kReduced = at::is_reduced_floating_point_v<scalar_t>;
+  static constexpr int kVecs = kReduced ? 2 : 1;
+  static constexpr int64_t kLanes = Vec::size();
+  static constexpr int64_t kWidth = kVecs * kLanes;
+
+  static void load(const scalar_t* p, int64_t count, Vec (&out)[kVecs]) {
+    if constexpr (kReduced) {
+      const auto raw = count == kWidth ? Vectorized<scalar_t>::loadu(p)
+                                       : Vectorized<scalar_t>::loadu(p, count);
+      std::tie(out[0], out[1]) = at::vec::convert_to_float<scalar_t>(raw);
+    } else {
+      out[0] = count == kWidth ? Vec::loadu(p) : Vec::loadu(p, count);
+    }
+    if (count < kWidth) {  // at::vec does not promise zeros past `count` on every ISA
+      for (int k = 0; k < kVecs; ++k) {
+        out[k] = Vec::set(Vec(0), out[k], std::clamp<int64_t>(count - k * kLanes, 0, kLanes));
+      }
+    }
+  }
+
+  static void store(scalar_t* p, int64_t count, const Vec (&in)[kVecs]) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(in[0], in[1]).store(p, count);
+    } else {
+      in[0].store(p, count);
+    }
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// log2(x) for x > 0 (+inf -> +inf, NaN -> NaN): x = 2^e m with m in [1, 2), and
+// log2(m) = u Q(u), u = m - 1, Q a degree-8 Chebyshev interpolant of log2(1 + u)/u on
+// [0, 1]: absolute error 1.4e-7 evaluated in float (about 1 ulp of log2 m), which is what
+// the sums need (T/S and log x - T/S are compared in absolute terms). getmant/getexp handle
+// subnormal x. Measured here about 5x cheaper than Sleef's logf (u10), which at::vec's
+// log() calls and which made the forward log-bound; base 2 saves the multiply by log(2)
+// per element (done once per row instead).
+inline __m512 log2_positive(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 u = _mm512_sub_ps(_mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src), one);
+  __m512 q = _mm512_set1_ps(7.395402063e-03f);
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-4.194501042e-02f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(1.118320748e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-1.962389499e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(2.752211988e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-3.582990766e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(4.806788862e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-7.213395238e-01f));
+  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(1.442695022e+00f));
+  return _mm512_fmadd_ps(u, q, _mm512_getexp_ps(x));  // getexp: e = floor(log2 x)
+}
+
+constexpr float kLn2 = 0.693147180559945309f;
+#endif
+
+// log of the live lanes (!(x <= 0): x > 0, +inf, NaN); 0 on the others, whose log is never
+// used (log(1) = 0 rather than log(0) = -inf, so a * log a is 0 there, not 0 * -inf).
+template <typename acc_t>
+inline Vectorized<acc_t> log_of_live(const Vectorized<acc_t>& x, const Vectorized<acc_t>& not_live) {
+  return Vectorized<acc_t>::blendv(x, Vectorized<acc_t>(1), not_live).log();
+}
+
+// L1State of l1_state.h, lane by lane; `live` counts lanes with !(x <= 0) as 1.0 each.
+// `xlogx` is in the base of the log used (2 on the AVX-512 float path); xlogx_nats()
+// converts it to T.
+template <typename acc_t>
+struct VecL1State {
+  using Vec = Vectorized<acc_t>;
+  Vec sum{0}, xlogx{0}, total{0}, live{0};
+
+  Vec xlogx_nats() const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) return xlogx * Vec(kLn2);
+#endif
+    return xlogx;
+  }
+
+  void add(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      // The same sums with mask registers: NLE_UQ is true for x > 0 and for NaN.
+      const __m512 one = _mm512_set1_ps(1.0f);
+      const __mmask16 live_lanes = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NLE_UQ);
+      const __m512 log_a = log2_positive(_mm512_mask_blend_ps(live_lanes, one, x));
+      sum = _mm512_mask_add_ps(sum, live_lanes, sum, x);
+      xlogx = _mm512_mask3_fmadd_ps(x, log_a, xlogx, live_lanes);
+      total = _mm512_add_ps(total, x);
+      live = _mm512_mask_add_ps(live, live_lanes, live, one);
+      return;
+    }
+#endif
+    const Vec not_live = x <= Vec(0);  // all-ones lanes; false for NaN, which must stay live
+    const Vec a = Vec::blendv(x, Vec(0), not_live);
+    sum = sum + a;
+    xlogx = at::vec::fmadd(a, log_of_live(x, not_live), xlogx);
+    total = total + x;
+    live = live + Vec::blendv(Vec(1), Vec(0), not_live);
+  }
+};
+
+template <typename acc_t>
+inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
+}
+
+// Per-row sums of up to kRowGroup rows, finished together by store_rows.
+template <typename acc_t>
+struct RowSums {
+  static constexpr int64_t kRowGroup = Vectorized<acc_t>::size();
+  alignas(64) acc_t sum[kRowGroup], xlogx[kRowGroup], total[kRowGroup], live[kRowGroup];
+};
+
+// Finishes `count` consecutive rows from their sums: l1_finalize of l1_state.h lane by lane
+// (a per-row scalar log and exp would dominate 7x7 rows).
+template <typename scalar_t>
+void store_rows(const L1ForwardParams& p, int64_t first, int64_t count,
+                const RowSums<acc_type<scalar_t>>& sums) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t rows = p.batch * p.channels;
+  const acc_t length = static_cast<acc_t>(p.positions);
+  const Vec log_length(std::log(length));  // the same bits as l1_finalize's log_positions
+  acc_t* stats = static_cast<acc_t*>(p.row_stats);
+  scalar_t* outputs[3] = {static_cast<scalar_t*>(p.entropy), static_cast<scalar_t*>(p.perplexity),
+                          static_cast<scalar_t*>(p.sparsity)};
+  const Vec s = Vec::loadu(sums.sum, count), t = Vec::loadu(sums.xlogx, count);
+  const Vec dead = s == Vec(0);
+  const Vec mean_log = Vec::blendv(t / s, Vec(0), dead);
+  Vec entropy = Vec::blendv(s.log() - mean_log, log_length, dead);
+  if (p.positions == 1) entropy = entropy * Vec(0);  // exactly 0; NaN stays NaN
+  const Vec perplexity = Vec::blendv(entropy.exp(), Vec(length), dead);
+  const Vec sparsity = p.positions > 1 ? (Vec(length) - perplexity) / Vec(length - acc_t(1))
+                                       : perplexity * Vec(0);
+  const Vec values[3] = {entropy, perplexity, sparsity};
+  for (int o = 0; o < 3; ++o) {
+    if constexpr (at::is_reduced_floating_point_v<scalar_t>) {
+      at::vec::convert_from_float<scalar_t>(values[o], values[o]).store(outputs[o] + first, count);
+    } else {
+      values[o].store(outputs[o] + first, count);
+    }
+  }
+  s.store(stats + kL1Sum * rows + first, count);
+  mean_log.store(stats + kL1MeanLog * rows + first, count);
+  (Vec(length) - Vec::loadu(sums.live, count)).store(stats + kL1NonPositive * rows + first, count);
+  Vec::loadu(sums.total, count).store(stats + kL1Total * rows + first, count);
+}
+
+// --- forward ------------------------------------------------------------------------
+
+// Rows of at most this many positions take short_rows_sums below.
+constexpr int64_t kShortRow = 64;
+
+// Short rows (7x7 = 49 positions): one row per lane, the `count` <= 16 rows of a group at
+// once, each position gathered across the rows (as channel_stats_cpu.cpp does): no
+// horizontal reduction and no partial vector per row, which is what a row-at-a-time loop
+// spends most of its time on at this length. Returns false where it does not apply.
+template <typename scalar_t>
+bool short_rows_sums(const L1ForwardParams& p, int64_t first, int64_t count,
+                     RowSums<acc_type<scalar_t>>& sums) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
+    return false;
+  } else {
+    const int64_t L = p.positions, C = p.channels;
+    constexpr bool kHalfType = at::is_reduced_floating_point_v<scalar_t>;
+    // 16-bit types read 32-bit words (below), which needs a second position in the row.
+    if (L > kShortRow || (kHalfType && L < 2)) return false;
+    const scalar_t* x = static_cast<const scalar_t*>(p.x);
+    // Offsets of the rows from the lowest one, in elements; gathers take 32-bit offsets.
+    const scalar_t* starts[16];
+    const scalar_t* base = nullptr;
+    int64_t n = first / C, c = first % C;
+    for (int64_t j = 0; j < count; ++j) {
+      starts[j] = x + n * p.x_strides.batch + c * p.x_strides.channel;
+      base = j == 0 ? starts[0] : std::min(base, starts[j]);
+      if (++c == C) c = 0, ++n;
+    }
+    alignas(64) int32_t offsets[16] = {};
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t offset = starts[j] - base;
+      if (offset > INT32_MAX - L) return false;
+      offsets[j] = static_cast<int32_t>(offset);
+    }
+    const __mmask16 active = static_cast<__mmask16>((1u << count) - 1);
+    const __m512i first_index = _mm512_load_si512(offsets);
+    VecL1State<float> state;
+    for (int64_t i = 0; i < L; ++i) {
+      const __m512i index = _mm512_add_epi32(first_index, _mm512_set1_epi32(static_cast<int>(i)));
+      __m512 v;  // inactive lanes read 0: not live, adding nothing
+      if constexpr (!kHalfType) {
+        v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), active, index, base, 4);
+      } else {
+        // A 16-bit element is one half of the 32-bit word gathered at its own address (low
+        // half), or, for the row's last position, at the previous element's (high half), so
+        // no word reaches past the row.
+        const bool last = i == L - 1;
+        const __m512i at = last ? _mm512_sub_epi32(index, _mm512_set1_epi32(1)) : index;
+        __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), active, at, base, 2);
+        word = last ? _mm512_srli_epi32(word, 16)
+                    : _mm512_and_si512(word, _mm512_set1_epi32(0xFFFF));
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          v = _mm512_castsi512_ps(_mm512_slli_epi32(word, 16));
+        } else {
+          v = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(word));
+        }
+        v = _mm512_maskz_mov_ps(active, v);
+      }
+      state.add(v);
+    }
+    state.sum.store(sums.sum);
+    state.xlogx_nats().store(sums.xlogx);
+    state.total.store(sums.total);
+    state.live.store(sums.live);
+    return true;
+  }
+#else
+  return false;
+#endif
+}
+
+template <typename scalar_t>
+void forward_rows(const L1ForwardParams& p) {
+  using P = Pack<scalar_t>;
+  using acc_t = typename P::acc_t;
+  using Vec = typename P::Vec;
+  constexpr int64_t W = P::kWidth;
+  constexpr int64_t kGroup = RowSums<acc_t>::kRowGroup;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  const int64_t L = p.positions, C = p.channels, rows = p.batch * C;
+  const RowStrides& xs = p.x_strides;
+  // Rows are finished kGroup at a time, except when they are long and few: then one by one,
+  // so that they spread over the threads. The groups depend on the shape only, never on the
+  // thread count, so neither does which path a row takes.
+  const int64_t group_size = L <= kShortRow || rows >= 64 * kGroup ? kGroup : 1;
+  const int64_t groups = (rows + group_size - 1) / group_size;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * group_size));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    RowSums<acc_t> sums;
+    Vec v[P::kVecs];
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * group_size, count = std::min(group_size, rows - first);
+      if (short_rows_sums<scalar_t>(p, first, count, sums)) {
+        store_rows<scalar_t>(p, first, count, sums);
+        continue;
+      }
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t row = first + j;
+        const scalar_t* xr = x + (row / C) * xs.batch + (row % C) * xs.channel;
+        // Two independent states, so that consecutive vectors' sums do not wait on each
+        // other; merged in a fixed order.
+        VecL1State<acc_t> state[2];
+        int64_t i = 0;
+        for (; i + 2 * W <= L; i += 2 * W) {
+          prefetch_ahead(xr + i, kPrefetchBytes);
+          for (int u = 0; u < 2; ++u) {
+            P::load(xr + i + u * W, W, v);
+            for (int k = 0; k < P::kVecs; ++k) state[u].add(v[k]);
+          }
+        }
+        for (; i < L; i += W) {
+          P::load(xr + i, std::min(W, L - i), v);
+          for (int k = 0; k < P::kVecs; ++k) state[0].add(v[k]);
+        }
+        sums.sum[j] = reduce_sum(state[0].sum + state[1].sum);
+        sums.xlogx[j] = reduce_sum(state[0].xlogx_nats() + state[1].xlogx_nats());
+        sums.total[j] = reduce_sum(state[0].total + state[1].total);
+        sums.live[j] = reduce_sum(state[0].live + state[1].live);
+      }
+      store_rows<scalar_t>(p, first, count, sums);
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_channels_last(const L1ForwardParams& p) {
+  using P = Pack<scalar_t>;
+  using acc_t = typename P::acc_t;
+  constexpr int64_t W = P::kWidth;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  const int64_t C = p.channels, L = p.positions, step = p.x_strides.position;
+  const int64_t blocks = (C + W - 1) / W;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * W));
+  at::parallel_for(0, p.batch * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / blocks, c0 = (item % blocks) * W;
+      const int64_t lanes = std::min(W, C - c0);
+      const scalar_t* xb = x + n * p.x_strides.batch + c0;
+      VecL1State<acc_t> state[P::kVecs];
+      typename P::Vec v[P::kVecs];
+      for (int64_t i = 0; i < L; ++i) {
+        // Positions are a whole row of channels apart, too far for the hardware prefetcher
+        // to follow reliably: fetch kPrefetchPositions ahead (a prefetch never faults).
+        prefetch_ahead(xb + i * step, kPrefetchPositions * step * int64_t(sizeof(scalar_t)));
+        P::load(xb + i * step, lanes, v);
+        for (int k = 0; k < P::kVecs; ++k) state[k].add(v[k]);
+      }
+      // One lane per row: finish each vector's lanes as a group of consecutive rows.
+      for (int k = 0; k < P::kVecs && k * P::kLanes < lanes; ++k) {
+        RowSums<acc_t> sums;
+        state[k].sum.store(sums.sum);
+        state[k].xlogx_nats().store(sums.xlogx);
+        state[k].total.store(sums.total);
+        state[k].live.store(sums.live);
+        const int64_t count = std::min<int64_t>(P::kLanes, lanes - k * P::kLanes);
+        store_rows<scalar_t>(p, n * C + c0 + k * P::kLanes, count, sums);
+      }
+    }
+  });
+}
+
+// --- backward -----------------------------------------------------------------------
+
+template <typename scalar_t>
+acc_type<scalar_t> row_coefficient(const L1BackwardParams& p, int64_t n, int64_t c) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
+  const int64_t rows = p.batch * p.channels, row = n * p.channels + c;
+  const void* grads[3] = {p.grad_entropy, p.grad_perplexity, p.grad_sparsity};
+  acc_t g[3];
+  for (int k = 0; k < 3; ++k) {
+    const int64_t at = n * p.grad_strides[k][0] + c * p.grad_strides[k][1];
+    g[k] = static_cast<acc_t>(static_cast<const scalar_t*>(grads[k])[at]);
+  }
+  return l1_backward_coefficient<acc_t>(stats[kL1Sum * rows + row], stats[kL1MeanLog * rows + row],
+                                        g[0], g[1], g[2], p.positions);
+}
+
+// l1_grad_element of l1_state.h, one vector of x at a time.
+template <typename acc_t>
+inline Vectorized<acc_t> grad_elements(const Vectorized<acc_t>& x,
+                                       const Vectorized<acc_t>& mean_log,
+                                       const Vectorized<acc_t>& coef) {
+  using Vec = Vectorized<acc_t>;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __mmask16 live_lanes = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NLE_UQ);
+    const __m512 log2_x = log2_positive(_mm512_mask_blend_ps(live_lanes, _mm512_set1_ps(1.0f), x));
+    return _mm512_maskz_mul_ps(live_lanes, coef,
+                               _mm512_fmsub_ps(_mm512_set1_ps(kLn2), log2_x, mean_log));
+  }
+#endif
+  const Vec not_live = x <= Vec(0);
+  const Vec grad = coef * (log_of_live(x, not_live) - mean_log);
+  return Vec::blendv(grad, Vec(0), not_live);
+}
+
+template <typename scalar_t>
+void backward_rows(const L1BackwardParams& p) {
+  using P = Pack<scalar_t>;
+  using acc_t = typename P::acc_t;
+  using Vec = typename P::Vec;
+  constexpr int64_t W = P::kWidth;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x);
+  const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
+  const int64_t L = p.positions, C = p.channels, rows = p.batch * C;
+  const RowStrides &xs = p.x_strides, &gs = p.grad_x_strides;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / L);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / C, c = row % C;
+      const Vec mean_log(stats[kL1MeanLog * rows + row]);
+      const Vec coef(row_coefficient<scalar_t>(p, n, c));
+      const scalar_t* xr = x + n * xs.batch + c * xs.channel;
+      scalar_t* gr = grad_x + n * gs.batch + c * gs.channel;
+      Vec v[P::kVecs];
+      for (int64_t i = 0; i < L; i += W) {
+        const int64_t count = std::min(W, L - i);
+        P::load(xr + i, count, v);
+        for (int k = 0; k < P::kVecs; ++k) v[k] = grad_elements(v[k], mean_log, coef);
+        P::store(gr + i, count, v);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_channels_last(const L1BackwardParams& p) {
+  using P = Pack<scalar_t>;
+  using acc_t = typename P::acc_t;
+  using Vec = typename P::Vec;
+  constexpr int64_t W = P::kWidth;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x);
+  const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
+  const int64_t C = p.channels, L = p.positions, rows = p.batch * C;
+  const int64_t blocks = (C + W - 1) / W;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * W));
+  at::parallel_for(0, p.batch * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / blocks, c0 = (item % blocks) * W;
+      const int64_t lanes = std::min(W, C - c0);
+      // Per-lane row statistics; lanes past `lanes` are computed but never stored.
+      alignas(64) acc_t lane_stats[2][W] = {};
+      for (int64_t j = 0; j < lanes; ++j) {
+        lane_stats[0][j] = stats[kL1MeanLog * rows + n * C + c0 + j];
+        lane_stats[1][j] = row_coefficient<scalar_t>(p, n, c0 + j);
+      }
+      Vec mean_log[P::kVecs], coef[P::kVecs];
+      for (int k = 0; k < P::kVecs; ++k) {
+        mean_log[k] = Vec::loadu(lane_stats[0] + k * P::kLanes);
+        coef[k] = Vec::loadu(lane_stats[1] + k * P::kLanes);
+      }
+      const scalar_t* xb = x + n * p.x_strides.batch + c0;
+      scalar_t* gb = grad_x + n * p.grad_x_strides.batch + c0;
+      const int64_t x_step = p.x_strides.position, grad_step = p.grad_x_strides.position;
+      Vec v[P::kVecs];
+      for (int64_t i = 0; i < L; ++i) {
+        P::load(xb + i * x_step, lanes, v);
+        for (int k = 0; k < P::kVecs; ++k) v[k] = grad_elements(v[k], mean_log[k], coef[k]);
+        P::store(gb + i * grad_step, lanes, v);
+      }
+    }
+  });
+}
+
+template <template <typename> class Kernel, typename Params>
+void dispatch(const Params& p) {
+  switch (p.dtype) {
+    case ScalarKind::kFloat16: return Kernel<c10::Half>::run(p);
+    case ScalarKind::kBFloat16: return Kernel<c10::BFloat16>::run(p);
+    case ScalarKind::kFloat32: return Kernel<float>::run(p);
+    case ScalarKind::kFloat64: return Kernel<double>::run(p);
+  }
+}
+
+template <typename scalar_t>
+struct ForwardKernel {
+  static void run(const L1ForwardParams& p) {
+    p.layout == RowLayout::kRows ? forward_rows<scalar_t>(p) : forward_channels_last<scalar_t>(p);
+  }
+};
+
+template <typename scalar_t>
+struct BackwardKernel {
+  static void run(const L1BackwardParams& p) {
+    p.layout == RowLayout::kRows ? backward_rows<scalar_t>(p) : backward_channels_last<scalar_t>(p);
+  }
+};
+
+}  // namespace
+
+// This build's entry points (one build per CPU capability: see cpu_capability.h).
+namespace CPU_CAPABILITY {
+void l1_stats_forward_cpu(const L1ForwardParams& p) { dispatch<ForwardKernel>(p); }
+void l1_stats_backward_cpu(const L1BackwardParams& p) { dispatch<BackwardKernel>(p); }
+}  // namespace CPU_CAPABILITY
+
+}  // namespace sparsity_ext
