@@ -13,10 +13,15 @@
 
 #include <cmath>
 
+// Always inlined on the host: these headers are compiled into every CPU capability's
+// kernels (-mavx512f in one, none in another), and an out-of-line copy would be merged
+// across them by the linker, so a DEFAULT build could run AVX-512 code.
+#ifndef SPARSITY_EXT_HD
 #if defined(__CUDACC__)
 #define SPARSITY_EXT_HD __host__ __device__ __forceinline__
 #else
-#define SPARSITY_EXT_HD inline
+#define SPARSITY_EXT_HD inline __attribute__((always_inline))
+#endif
 #endif
 
 namespace sparsity_ext {

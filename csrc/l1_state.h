@@ -29,7 +29,7 @@
 #if defined(__CUDACC__)
 #define SPARSITY_EXT_HD __host__ __device__ __forceinline__
 #else
-#define SPARSITY_EXT_HD inline
+#define SPARSITY_EXT_HD inline __attribute__((always_inline))
 #endif
 #endif
 
