@@ -229,16 +229,20 @@ def _forward_function(measure: Measure, backward_function):
             (x,) = inputs
             _, perplexity, _, row_stats = output
             ctx.mark_non_differentiable(row_stats)
+            # No zero-filled (rows, N, C) gradient for row_stats on every backward: an
+            # unused output's grad arrives as None (filled in backward where needed).
+            ctx.set_materialize_grads(False)
             ctx.save_for_backward(x, row_stats, perplexity)
             ctx.save_for_forward(x, row_stats, perplexity)
 
         @staticmethod
         def backward(ctx, grad_entropy, grad_perplexity, grad_sparsity, _grad_row_stats):
-            if not ctx.needs_input_grad[0]:
+            grads = (grad_entropy, grad_perplexity, grad_sparsity)
+            if not ctx.needs_input_grad[0] or all(g is None for g in grads):
                 return None
-            x, row_stats, _ = ctx.saved_tensors
-            return _differentiable(backward_function, measure.backward_op, x, row_stats,
-                                   grad_entropy, grad_perplexity, grad_sparsity)
+            x, row_stats, perplexity = ctx.saved_tensors
+            grads = [torch.zeros_like(perplexity) if g is None else g for g in grads]
+            return _differentiable(backward_function, measure.backward_op, x, row_stats, *grads)
 
         @staticmethod
         def jvp(ctx, tangent):

@@ -12,6 +12,7 @@ from testing import (DEVICES, DTYPES, LAYOUTS, ROUNDING, assert_close_to_float64
 
 SHAPES = [
     (2, 3, 7, 7),        # the short rows of late conv layers
+    (5, 37, 7, 7),       # many short rows: full and partial groups of 16 across samples
     (3, 5, 1),           # L = 1
     (1, 1, 2),
     (2, 3, 17),          # 1-D, odd length

@@ -373,18 +373,21 @@ bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
     // Rows of only masked positions shift by 0 (no -inf - -inf); their sum stays 0.
     const Vectorized<float> shift_by =
         Vectorized<float>::blendv(vmax, Vectorized<float>(0), vmax == Vectorized<float>(neg_inf));
-    Vectorized<float> s(0), t(0);
+    // Two accumulator pairs (even and odd positions), so that the adds are not latency
+    // bound.
+    Vectorized<float> s[2] = {Vectorized<float>(0), Vectorized<float>(0)};
+    Vectorized<float> t[2] = {Vectorized<float>(0), Vectorized<float>(0)};
     // As in contiguous_chunk_state: fetch the next group's rows (they follow these when
     // rows are contiguous) while this pass computes from cache; one line per position
     // covers 16 rows of <= 64 float positions.
     const int64_t group_bytes = count * L * static_cast<int64_t>(sizeof(scalar_t));
     for (int64_t i = 0; i < L; ++i) {
       prefetch_ahead(base, group_bytes + i * 64);
-      accumulate(Vectorized<float>::loadu(transposed + i * 16) - shift_by, s, t);
+      accumulate(Vectorized<float>::loadu(transposed + i * 16) - shift_by, s[i & 1], t[i & 1]);
     }
     vmax.store(row_max, count);
-    s.store(sum, count);
-    t.store(shifted, count);
+    (s[0] + s[1]).store(sum, count);
+    (t[0] + t[1]).store(shifted, count);
     return true;
   }
 #else
@@ -495,19 +498,48 @@ void forward_channels_last(const ForwardParams& p) {
 
 // --- backward -----------------------------------------------------------------------
 
+// Rows whose coefficients are computed together (one float vector's worth).
+constexpr int64_t kCoefGroup = 16;
+
+// backward_coefficient() of entropy_state.h for the `count` <= kCoefGroup consecutive rows
+// from `first` (sample n, channel c), several rows per vector: a scalar exp and division
+// per row would otherwise cost more than a short row's elements.
 template <typename scalar_t>
-acc_type<scalar_t> row_coefficient(const BackwardParams& p, int64_t n, int64_t c) {
+void row_coefficients(const BackwardParams& p, int64_t first, int64_t count, int64_t n, int64_t c,
+                      acc_type<scalar_t>* coef) {
   using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
   const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
-  const int64_t rows = p.batch * p.channels, row = n * p.channels + c;
-  const void* grads[3] = {p.grad_entropy, p.grad_perplexity, p.grad_sparsity};
-  acc_t g[3];
+  const int64_t rows = p.batch * p.channels;
+  const scalar_t* grads[3] = {static_cast<const scalar_t*>(p.grad_entropy),
+                              static_cast<const scalar_t*>(p.grad_perplexity),
+                              static_cast<const scalar_t*>(p.grad_sparsity)};
+  acc_t g[3][kCoefGroup];
   for (int k = 0; k < 3; ++k) {
-    const int64_t at = n * p.grad_strides[k][0] + c * p.grad_strides[k][1];
-    g[k] = static_cast<acc_t>(static_cast<const scalar_t*>(grads[k])[at]);
+    const int64_t* strides = p.grad_strides[k];
+    if (strides[1] == 1 && (strides[0] == p.channels || p.batch == 1)) {  // contiguous
+      const scalar_t* from = grads[k] + first;
+      for (int64_t j = 0; j < count; ++j) g[k][j] = static_cast<acc_t>(from[j]);
+      continue;
+    }
+    int64_t nj = n, cj = c;
+    for (int64_t j = 0; j < count; ++j, cj = cj + 1 == p.channels ? (++nj, 0) : cj + 1) {
+      g[k][j] = static_cast<acc_t>(grads[k][nj * strides[0] + cj * strides[1]]);
+    }
   }
-  return backward_coefficient<acc_t>(stats[rows + row], stats[2 * rows + row], g[0], g[1], g[2],
-                                     p.positions);
+  // L == 1: no sparsity term (its factor 1 / (L - 1) would be infinite).
+  const Vec sparsity_scale(p.positions > 1 ? acc_t(1) / static_cast<acc_t>(p.positions - 1)
+                                           : acc_t(0));
+  for (int64_t j = 0; j < count; j += V) {
+    const int64_t k = std::min(V, count - j);
+    const Vec log_sum = Vec::loadu(stats + rows + first + j, k);
+    const Vec mean_shift = Vec::loadu(stats + 2 * rows + first + j, k);
+    const Vec perplexity = (log_sum - mean_shift).exp();
+    Vec sum = Vec::loadu(g[0] + j, k) + perplexity * Vec::loadu(g[1] + j, k);
+    if (p.positions > 1) sum = sum - perplexity * Vec::loadu(g[2] + j, k) * sparsity_scale;
+    sum.neg().store(coef + j, k);
+  }
 }
 
 // grad_element() of entropy_state.h, one vector of x at a time.
@@ -518,6 +550,61 @@ inline Vectorized<acc_t> grad_elements(const Vectorized<acc_t>& x, const Vectori
                                        const Vectorized<acc_t>& coef) {
   const Vectorized<acc_t> d = clamp_shift(x - row_max);
   return coef * exp_nonpositive(d - log_sum) * (d - mean_shift);
+}
+
+// Short rows (L <= kShortRow) whose `count` <= kCoefGroup rows from `first` are one run of
+// consecutive elements in both x and grad_x (contiguous rows): the run is walked as full
+// vectors whose lanes may belong to different rows, each lane taking its row's statistics
+// from the group's vectors by a permute. A row-at-a-time loop would spend a partial vector
+// and the per-row setup on every 49-position row. Returns false where it does not apply.
+template <typename scalar_t>
+bool backward_short_group(const BackwardParams& p, int64_t first, int64_t count,
+                          const acc_type<scalar_t>* coef) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
+    return false;
+  } else {
+    using P = Pack<scalar_t>;
+    using Vec = Vectorized<float>;
+    constexpr int64_t W = P::kWidth;
+    const int64_t L = p.positions, C = p.channels, rows = p.batch * C;
+    const RowStrides &xs = p.x_strides, &gs = p.grad_x_strides;
+    const bool one_run = xs.channel == L && gs.channel == L &&
+                         (p.batch == 1 || (xs.batch == C * L && gs.batch == C * L));
+    if (L > kShortRow || !one_run) return false;
+    const float* stats = static_cast<const float*>(p.row_stats);
+    const __m512 row_max = Vec::loadu(stats + first, count);
+    const __m512 log_sum = Vec::loadu(stats + rows + first, count);
+    const __m512 mean_shift = Vec::loadu(stats + 2 * rows + first, count);
+    const __m512 coefs = Vec::loadu(coef, count);
+    const int64_t n = first / C, c = first % C;
+    const scalar_t* x = static_cast<const scalar_t*>(p.x) + n * xs.batch + c * L;
+    scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x) + n * gs.batch + c * L;
+    // Row of a lane = floor((position in the run + 1/2) / L), exact in float for runs of
+    // at most 16 * 64 positions.
+    const __m512 lane = _mm512_add_ps(
+        _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_ps(0.5f));
+    const __m512 inv_length = _mm512_set1_ps(1.0f / static_cast<float>(L));
+    const int64_t total = count * L;
+    Vec v[P::kVecs];
+    for (int64_t i = 0; i < total; i += W) {
+      const int64_t lanes = std::min(W, total - i);
+      P::load(x + i, lanes, v);
+      for (int k = 0; k < P::kVecs; ++k) {
+        const __m512 position = _mm512_add_ps(lane, _mm512_set1_ps(static_cast<float>(i + k * 16)));
+        const __m512i row = _mm512_cvttps_epi32(_mm512_mul_ps(position, inv_length));
+        v[k] = grad_elements(v[k], Vec(_mm512_permutexvar_ps(row, row_max)),
+                             Vec(_mm512_permutexvar_ps(row, log_sum)),
+                             Vec(_mm512_permutexvar_ps(row, mean_shift)),
+                             Vec(_mm512_permutexvar_ps(row, coefs)));
+      }
+      P::store(grad_x + i, lanes, v);
+    }
+    return true;
+  }
+#else
+  return false;
+#endif
 }
 
 template <typename scalar_t>
@@ -531,24 +618,33 @@ void backward_rows(const BackwardParams& p) {
   const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
   const int64_t L = p.positions, C = p.channels, rows = p.batch * C;
   const RowStrides &xs = p.x_strides, &gs = p.grad_x_strides;
-  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / L);
+  // As in forward_rows: rows kCoefGroup at a time unless they are long and few.
+  const int64_t group_size = L <= kShortRow || rows >= 64 * kCoefGroup ? kCoefGroup : 1;
+  const int64_t groups = (rows + group_size - 1) / group_size;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * group_size));
 
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    int64_t n = begin / C, c = begin % C;  // advanced with the row: no division per row
-    for (int64_t row = begin; row < end; ++row, c = c + 1 == C ? (++n, 0) : c + 1) {
-      const Vec row_max(stats[row]), log_sum(stats[rows + row]),
-          mean_shift(stats[2 * rows + row]);
-      const Vec coef(row_coefficient<scalar_t>(p, n, c));
-      const scalar_t* xr = x + n * xs.batch + c * xs.channel;
-      scalar_t* gr = grad_x + n * gs.batch + c * gs.channel;
-      Vec v[P::kVecs];
-      for (int64_t i = 0; i < L; i += W) {
-        const int64_t count = std::min(W, L - i);
-        P::load(xr + i, count, v);
-        for (int k = 0; k < P::kVecs; ++k) {
-          v[k] = grad_elements(v[k], row_max, log_sum, mean_shift, coef);
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    acc_t coef[kCoefGroup];
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * group_size, count = std::min(group_size, rows - first);
+      int64_t n = first / C, c = first % C;  // advanced with the row: no division per row
+      row_coefficients<scalar_t>(p, first, count, n, c, coef);
+      if (backward_short_group<scalar_t>(p, first, count, coef)) continue;
+      for (int64_t j = 0; j < count; ++j, c = c + 1 == C ? (++n, 0) : c + 1) {
+        const int64_t row = first + j;
+        const Vec row_max(stats[row]), log_sum(stats[rows + row]),
+            mean_shift(stats[2 * rows + row]), coef_row(coef[j]);
+        const scalar_t* xr = x + n * xs.batch + c * xs.channel;
+        scalar_t* gr = grad_x + n * gs.batch + c * gs.channel;
+        Vec v[P::kVecs];
+        for (int64_t i = 0; i < L; i += W) {
+          const int64_t count_i = std::min(W, L - i);
+          P::load(xr + i, count_i, v);
+          for (int k = 0; k < P::kVecs; ++k) {
+            v[k] = grad_elements(v[k], row_max, log_sum, mean_shift, coef_row);
+          }
+          P::store(gr + i, count_i, v);
         }
-        P::store(gr + i, count, v);
       }
     }
   });
@@ -578,7 +674,10 @@ void backward_channels_last(const BackwardParams& p) {
         lane_stats[0][j] = stats[row];
         lane_stats[1][j] = stats[rows + row];
         lane_stats[2][j] = stats[2 * rows + row];
-        lane_stats[3][j] = row_coefficient<scalar_t>(p, n, c0 + j);
+      }
+      for (int64_t j = 0; j < lanes; j += kCoefGroup) {
+        row_coefficients<scalar_t>(p, n * C + c0 + j, std::min(kCoefGroup, lanes - j), n, c0 + j,
+                                   lane_stats[3] + j);
       }
       Vec row_max[P::kVecs], log_sum[P::kVecs], mean_shift[P::kVecs], coef[P::kVecs];
       for (int k = 0; k < P::kVecs; ++k) {
