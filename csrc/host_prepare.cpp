@@ -177,4 +177,16 @@ BackwardCall prepare_backward(
   return call;
 }
 
+MonitorSumsParams prepare_monitor_sums(at::Tensor& sums, const at::Tensor& x) {
+  check_input(x);
+  check_argument(sums, "sums", x, at::kDouble, {kMonitorColumns});
+  MonitorSumsParams p{};
+  p.rows = x.size(0) * x.size(1);
+  p.positions = positions_of(x);
+  p.acc_dtype = scalar_kind(accumulation_type(x.scalar_type()));
+  p.sums = sums.mutable_data_ptr<double>();
+  p.sums_stride = sums.stride(0);
+  return p;
+}
+
 }  // namespace sparsity_ext

@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "channel_stats_params.h"
+#include "monitor_sums_params.h"
 
 namespace sparsity_ext {
 
@@ -36,5 +37,9 @@ BackwardCall prepare_backward(
     const at::Tensor& x, const at::Tensor& row_stats, const at::Tensor& grad_entropy,
     const at::Tensor& grad_perplexity, const at::Tensor& grad_sparsity, at::Tensor& grad_x,
     int64_t row_stats_rows = 3);
+
+// monitor_sums_'s checks: x as for the forward, sums float64 (kMonitorColumns,) on x's
+// device. Fills the params but the two row_stats pointers (the caller runs the forwards).
+MonitorSumsParams prepare_monitor_sums(at::Tensor& sums, const at::Tensor& x);
 
 }  // namespace sparsity_ext

@@ -57,7 +57,8 @@ CPU_SOURCES = ("ops.cpp", "host_prepare.cpp", "cpu/cpu_capability.cpp", "cpu/rec
                "cpu/register_cpu.cpp")
 # CPU kernel files, compiled once per CPU capability: list each once, write it as
 # csrc/cpu/cpu_capability.h says (CPU_CAPABILITY namespace, everything else anonymous).
-CPU_KERNEL_SOURCES = ("cpu/channel_stats_cpu.cpp", "cpu/l1_stats_cpu.cpp")
+CPU_KERNEL_SOURCES = ("cpu/channel_stats_cpu.cpp", "cpu/l1_stats_cpu.cpp",
+                      "cpu/monitor_sums_cpu.cpp")
 # at::vec's x86 vector units and their compiler flags, as ATen builds its own kernels.
 CPU_CAPABILITY_FLAGS = {
     "DEFAULT": (),

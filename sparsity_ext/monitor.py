@@ -60,7 +60,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from . import _extension, distributed, ops, reference
+from . import distributed, ops, reference
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -114,56 +114,9 @@ class SparsityRecord(NamedTuple):
     rows: int
 
 
-class _Backend(NamedTuple):
-    """Which native kernels serve the monitor, resolved once (outside any compiled graph:
-    the extension loader takes a lock, which torch.compile cannot trace)."""
-
-    kernel_devices: frozenset  # device types with the fused CPU/CUDA kernels
-
-    @staticmethod
-    def resolve() -> _Backend:
-        return _Backend(frozenset(_extension.load().devices))
-
-    def graph_stats(self, x: torch.Tensor, normalize: str) -> reference.ChannelStats:
-        """Graph-connected per-row stats of ``normalize``, for the penalty: the public op
-        (fused kernels where built, the reference elsewhere)."""
-        return ops.channel_stats(x, normalize=normalize)
-
-    def softmax_rows(self, x: torch.Tensor):
-        """(entropy, sparsity) of every row, each ``(N, C)`` in the accumulation dtype."""
-        acc = reference.accumulation_dtype(x.dtype)
-        if x.device.type not in self.kernel_devices:
-            stats = reference.channel_stats(x.to(acc))
-            return stats.entropy, stats.sparsity
-        entropy, _, sparsity, row_stats = torch.ops.sparsity_ext.channel_stats_forward(x)
-        if x.dtype == acc:
-            return entropy, sparsity
-        # 16-bit x: rebuild the float32 values from the row statistics (max, log_sum,
-        # mean_shift) rather than average values rounded to x's dtype.
-        entropy = row_stats[1] - row_stats[2]
-        return entropy, _sparsity_from_entropy(entropy, x.shape[2:].numel())
-
-    def l1_rows(self, x: torch.Tensor):
-        """(entropy, sparsity, S, count of x <= 0, sum of x) per row, accumulation dtype."""
-        # One read of x by the fused op (its plain PyTorch fallback on devices without
-        # kernels); row_stats (4, N, C) = [S, T/S, count of x <= 0, sum of x].
-        entropy, _, sparsity, row_stats = torch.ops.sparsity_ext.l1_stats_forward(x)
-        if x.dtype != row_stats.dtype:
-            s, t_over_s = row_stats[0], row_stats[1]
-            entropy = torch.where(s == 0, math.log(x.shape[2:].numel()), s.log() - t_over_s)
-            sparsity = _sparsity_from_entropy(entropy, x.shape[2:].numel())
-        return entropy, sparsity, row_stats[0], row_stats[2], row_stats[3]
-
-
-def _sparsity_from_entropy(entropy: torch.Tensor, length: int) -> torch.Tensor:
-    if length == 1:
-        return entropy * 0
-    return (length - entropy.exp()) / (length - 1)
-
-
-# Columns of the per-(split, layer call) buffer.
-_SPARSITY, _ENTROPY, _SPARSITY_L1, _ENTROPY_L1, _LIVE, _ZEROS, _SUM, _ROWS, _VALUES = range(9)
-_COLUMNS = 9
+# Columns of the per-(split, layer call) sums (ops.MONITOR_COLUMNS).
+(_SPARSITY, _ENTROPY, _SPARSITY_L1, _ENTROPY_L1, _LIVE, _ZEROS, _SUM, _ROWS,
+ _VALUES) = range(len(ops.MONITOR_COLUMNS))
 
 
 def default_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -294,7 +247,6 @@ class SparsityMonitor:
                     f"channel_dim for {name!r} must be None or a non-batch dim (an int other "
                     f"than 0, e.g. 1 or -1), got {dim!r}"
                 )
-        self._backend = _Backend.resolve()
         self._rules = {name: _axes_rule(model, name, m) for name, m in self.layers.items()}
         self.split: str | None = None
         self.enabled = True
@@ -302,9 +254,8 @@ class SparsityMonitor:
         # Set by SparsityPenalty: the measure to keep graph-connected ("softmax" or "l1").
         self.graph_measure: str | None = None
         self._layer_index = {name: i for i, name in enumerate(self.layers)}
-        # (split, layer, call) -> (column sums, [rows, values]) on the activation's device
-        self._buffers: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._increments: dict[tuple, torch.Tensor] = {}  # per batch shape, see _accumulate
+        # (split, layer, call) -> float64 column sums on the activation's device
+        self._buffers: dict[tuple[str, str, int], torch.Tensor] = {}
         self._multi_call: set[str] = set()  # layers ever seen called twice in one pass
         self._calls: dict[str, int] = {}  # calls per layer in the current forward pass
         self._graph_means: dict[tuple[str, int], torch.Tensor] = {}  # latest pass, with grad
@@ -411,54 +362,23 @@ class SparsityMonitor:
         x = self._channels_first(name, output)
         if x is None:
             return
-        softmax = None
         measure = self.graph_measure
         if measure is not None and torch.is_grad_enabled() and x.requires_grad:
-            stats = self._backend.graph_stats(x, measure)
-            acc = reference.accumulation_dtype(stats.sparsity.dtype)
-            self._graph_means[(name, call)] = stats.sparsity.mean(dtype=acc)
-            if measure == "softmax" and x.dtype == acc:  # reuse: the op ran once already
-                softmax = (stats.entropy.detach(), stats.sparsity.detach())
-        with torch.no_grad():
-            if softmax is None:
-                softmax = self._backend.softmax_rows(x)
-            if self._capture is not None:
-                self._capture[(name, call)] = softmax[1].float().cpu()
-                return
-            self._accumulate(self._split_name(), name, call, x, *softmax)
+            sparsity = ops.channel_stats(x, normalize=measure).sparsity
+            acc = reference.accumulation_dtype(sparsity.dtype)
+            self._graph_means[(name, call)] = sparsity.mean(dtype=acc)
+        if self._capture is not None:
+            self._capture[(name, call)] = ops.monitor_columns(x)[_SPARSITY].float().cpu()
+            return
+        key = (self._split_name(), name, call)
+        sums = self._buffers.get(key)
+        if sums is None:
+            columns = len(ops.MONITOR_COLUMNS)
+            sums = self._buffers[key] = torch.zeros(columns, dtype=torch.float64, device=x.device)
+        ops.monitor_sums_(sums, x)  # one native call: every column, no autograd, no host sync
 
     def _split_name(self) -> str:
         return self.split or ("train" if self.model.training else "test")
-
-    def _accumulate(self, split, name, call, x, entropy, sparsity) -> None:
-        """Add this output's column sums and row/value counts into its persistent buffers:
-        a fixed handful of device ops per layer and batch, no host sync."""
-        key = (split, name, call)
-        buffers = self._buffers.get(key)
-        if buffers is None:
-            dtype = torch.float32 if x.device.type == "mps" else torch.float64
-            buffers = self._buffers[key] = (
-                torch.zeros(_ROWS, dtype=dtype, device=x.device),
-                torch.zeros(_COLUMNS - _ROWS, dtype=dtype, device=x.device),
-            )
-        sums, counts = buffers
-        entropy_l1, sparsity_l1, s, zeros, total = self._backend.l1_rows(x)
-        live = s.sign()  # 1 for a live row, 0 for a dead one (S >= 0)
-        columns = torch.stack([sparsity, entropy, sparsity_l1, entropy_l1 * live, live, zeros,
-                               total])  # fmt: skip
-        sums.add_(columns.sum((1, 2)))  # float32 row sums into the float64 buffer
-        counts.add_(self._count_increment(x, counts.dtype))
-
-    def _count_increment(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``[rows, values]`` of an output of x's shape, as a device tensor made once per
-        batch shape (one host-to-device copy then, none per batch)."""
-        rows = x.shape[0] * x.shape[1]
-        key = (x.device, rows, x.shape[2:].numel())
-        increment = self._increments.get(key)
-        if increment is None:
-            increment = torch.tensor([rows, rows * key[2]], dtype=dtype, device=x.device)
-            self._increments[key] = increment
-        return increment
 
     # -- per epoch --------------------------------------------------------------------
     def record_name(self, name: str, call: int) -> str:
@@ -494,13 +414,13 @@ class SparsityMonitor:
             {(s, n, int(c)) for s, n, c in union if s},
             key=lambda k: (k[0], self._layer_index[k[1]], k[2]),
         )
-        buffers = [sums for sums, _ in self._buffers.values()]
+        buffers = list(self._buffers.values())
         device = buffers[0].device if buffers else distributed.collective_device()
-        dtype = buffers[0].dtype if buffers else torch.float64
-        table = torch.zeros(len(slots), _COLUMNS, dtype=dtype, device=device)
+        table = torch.zeros(len(slots), len(ops.MONITOR_COLUMNS), dtype=torch.float64,
+                            device=device)
         for i, key in enumerate(slots):
             if key in self._buffers:
-                table[i] = torch.cat(self._buffers[key]).to(device, dtype)
+                table[i] = self._buffers[key].to(device)
         table = distributed.all_reduce_sum(table).cpu().double()
         self.reset()
         records = []

@@ -420,6 +420,80 @@ _LIBRARY.impl("_empty_recycled", lambda like, size: like.new_empty(size),
 torch.library.register_fake(f"{NAMESPACE}::_empty_recycled",
                             lambda like, size: like.new_empty(size), lib=_LIBRARY)
 
+# --- monitor_sums_: the monitor's column sums of one activation, one native call ---------
+
+# Columns of monitor_sums_'s sums (csrc/monitor_sums_params.h has the same order): sums
+# over the rows of each activation seen, of
+MONITOR_COLUMNS = (
+    "sparsity",      # softmax sparsity, every row
+    "entropy",       # softmax entropy, every row
+    "sparsity_l1",   # L1 sparsity (0 for a dead row)
+    "entropy_l1",    # L1 entropy, live rows only
+    "live_rows",     # rows with a positive value (S != 0; a NaN row counts)
+    "non_positive",  # values <= 0
+    "total",         # sum of the values
+    "rows",          # rows
+    "values",        # values (rows x positions)
+)
+_LIBRARY.define("monitor_sums_(Tensor(a!) sums, Tensor x) -> ()")
+
+
+def _check_monitor_sums(sums: torch.Tensor, x: torch.Tensor) -> None:
+    """The native op's checks, with the same types and texts (csrc/host_prepare.cpp)."""
+    reference.check_input(x)
+    reference.check_dense(sums, "sums")
+    if sums.device != x.device:
+        raise RuntimeError(f"sparsity_ext: all tensors must be on the same device, but x is on "
+                           f"{x.device} and sums is on {sums.device}")
+    if sums.dtype != torch.float64:
+        raise TypeError(f"sparsity_ext: sums must have dtype torch.float64, got {sums.dtype}")
+    if tuple(sums.shape) != (len(MONITOR_COLUMNS),):
+        raise ValueError(f"sparsity_ext: sums must have shape "
+                         f"{reference._shape((len(MONITOR_COLUMNS),))}, got "
+                         f"{reference._shape(sums.shape)}")
+
+
+def monitor_columns(x: torch.Tensor) -> torch.Tensor:
+    """``(len(MONITOR_COLUMNS), N, C)`` per-row values of the monitor's columns for x, in the
+    accumulation dtype (the fused forwards' row statistics, not x-dtype outputs), without
+    autograd: what :func:`monitor_sums_` sums over rows, in plain PyTorch."""
+    with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
+        softmax_stats = CHANNEL_STATS.forward_op(x)[3]
+        s, mean_log, non_positive, total = L1_STATS.forward_op(x)[3]
+    length = reference.positions(x)
+    slope = reference.sparsity_slope(length)
+    entropy = softmax_stats[1] - softmax_stats[2]
+    live = s != 0
+    entropy_l1 = torch.where(live, s.log() - mean_log, 0)
+    sparsity_l1 = torch.where(live, (entropy_l1.exp() - length) * slope, 0)
+    rows = torch.ones_like(s)
+    return torch.stack([(entropy.exp() - length) * slope, entropy, sparsity_l1, entropy_l1,
+                        live.to(s.dtype), non_positive, total, rows, rows * length])
+
+
+def _monitor_sums_fallback(sums: torch.Tensor, x: torch.Tensor) -> None:
+    _check_monitor_sums(sums, x)
+    sums.add_(monitor_columns(x).sum((1, 2), dtype=torch.float64))
+
+
+def _monitor_sums_fake(sums: torch.Tensor, x: torch.Tensor) -> None:
+    _check_monitor_sums(sums, x)
+
+
+_LIBRARY.impl("monitor_sums_", _monitor_sums_fallback, "CompositeExplicitAutograd")
+torch.library.register_fake(f"{NAMESPACE}::monitor_sums_", _monitor_sums_fake, lib=_LIBRARY)
+# Not differentiable (it only adds into sums): autograd steps aside, so a monitored
+# activation that requires grad costs no autograd work here.
+_LIBRARY.impl("monitor_sums_", torch.library.fallthrough_kernel, "Autograd")
+
+
+def monitor_sums_(sums: torch.Tensor, x: torch.Tensor) -> None:
+    """Add the monitor's column sums of activation ``x`` ``(N, C, *S)`` into ``sums``, a
+    float64 ``(len(MONITOR_COLUMNS),)`` tensor on x's device (columns: MONITOR_COLUMNS):
+    one native call, one read of x per measure, no autograd, no host sync."""
+    torch.ops.sparsity_ext.monitor_sums_.default(sums, x)
+
+
 ChannelStatsBackwardFunction = _backward_function(CHANNEL_STATS)
 ChannelStatsFunction = _forward_function(CHANNEL_STATS, ChannelStatsBackwardFunction)
 _register(CHANNEL_STATS, ChannelStatsFunction, ChannelStatsBackwardFunction)

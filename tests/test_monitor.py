@@ -202,28 +202,24 @@ def test_penalty_gradient_matches_autograd_of_the_reference(normalize):
     penalty.monitor.remove()
 
 
-def test_penalty_runs_the_op_once_per_layer_and_the_monitor_reuses_it(monkeypatch):
+def test_penalty_runs_the_graph_op_once_per_layer_and_the_monitor_one_native_call(monkeypatch):
     torch.manual_seed(0)
     model = SmallVGG(1, 10, 8)
     x = torch.randn(4, 1, 8, 8)
-    graph_calls, plain_calls = [], []
-    backend = monitor_module._Backend
-    real_graph, real_plain = backend.graph_stats, backend.softmax_rows
-    monkeypatch.setattr(
-        backend, "graph_stats", lambda *a: graph_calls.append(1) or real_graph(*a)
-    )
-    monkeypatch.setattr(
-        backend, "softmax_rows", lambda *a: plain_calls.append(1) or real_plain(*a)
-    )
+    graph_calls, sums_calls = [], []
+    ops = sparsity_ext.ops
+    real_graph, real_sums = ops.channel_stats, ops.monitor_sums_
+    monkeypatch.setattr(ops, "channel_stats", lambda *a, **k: graph_calls.append(1) or real_graph(*a, **k))
+    monkeypatch.setattr(ops, "monitor_sums_", lambda *a: sums_calls.append(1) or real_sums(*a))
     plain = SparsityMonitor(model)
     model(x)
     expected = plain.end_epoch(0)
     plain.remove()
-    assert (graph_calls, plain_calls) == ([], [1] * 4)
-    plain_calls.clear()
+    assert (graph_calls, sums_calls) == ([], [1] * 4)
+    sums_calls.clear()
     penalty = SparsityPenalty(model, 1.0)
     model(x)
-    assert (graph_calls, plain_calls) == ([1] * 4, [])  # with grad, once per conv activation
+    assert (graph_calls, sums_calls) == ([1] * 4, [1] * 4)  # with grad, once per conv activation
     value = penalty()
     got = penalty.monitor.end_epoch(0)
     for g, e in zip(got, expected):

@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "../entropy_state.h"
+#include "avx512_short_rows.h"
 
 namespace sparsity_ext {
 namespace {
@@ -44,31 +45,6 @@ constexpr int64_t kElementsPerTask = 1 << 15;
 constexpr int64_t kRowChunk = 1 << 13;          // kRows: 8192 elements, 32 KB in float
 constexpr int64_t kChannelsLastChunk = 1 << 9;  // kChannelsLast: 512 positions x one vector
 
-#if defined(CPU_CAPABILITY_AVX512)
-// 2^y for y <= 0 (or NaN): 2^n * 2^f with n = round(y), |f| <= 1/2, and 2^f from a
-// degree-5 near-minimax polynomial (fitted to relative error 9e-8; 1.9e-7 evaluated in
-// float, about 1 ulp, the accuracy of exp_u20's 6th degree at one FMA less); scalef
-// applies 2^n.
-// Results below 2^-125 are set to exactly 0 through `representable` rather than
-// computed: an underflowing scalef takes a microcode assist that costs more than a whole
-// short row. The mask is "not less than", so NaN lanes stay representable and NaN.
-inline __m512 exp2_nonpositive(__m512 y, __mmask16& representable) {
-  const __m512 lowest = _mm512_set1_ps(-125.0f);
-  representable = _mm512_cmp_ps_mask(y, lowest, _CMP_NLT_UQ);
-  const __m512 yc = _mm512_max_ps(lowest, y);  // max_ps returns its 2nd operand on NaN
-  const __m512 n = _mm512_roundscale_ps(yc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(yc, n);
-  __m512 p = _mm512_set1_ps(1.3264727080169001e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6715128621880884e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507337456456640e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022242081843176e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314697759658850e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(representable, p, n);
-}
-
-constexpr float kLog2e = 1.4426950408889634f;
-#endif
 
 // exp(x) for x <= 0 (or NaN): the hot spot of the backward.
 inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
@@ -103,12 +79,10 @@ inline void accumulate(const Vectorized<acc_t>& shift, Vectorized<acc_t>& sum,
                        Vectorized<acc_t>& shifted) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
-    // Lanes whose exp is 0 (masked ones included) leave `shifted` alone, which spares
-    // the clamp that keeps -inf * 0 from making NaN.
-    __mmask16 representable;
-    const __m512 e = exp2_nonpositive(_mm512_mul_ps(shift, _mm512_set1_ps(kLog2e)), representable);
-    sum = _mm512_add_ps(sum, e);
-    shifted = _mm512_mask3_fmadd_ps(shift, e, shifted, representable);
+    __m512 s = sum, t = shifted;
+    softmax_step(shift, s, t);
+    sum = s;
+    shifted = t;
     return;
   }
 #endif
@@ -301,9 +275,6 @@ void store_rows(const ForwardParams& p, int64_t first, int64_t count,
   }
 }
 
-// Rows of at most this many positions take the row-per-lane path below.
-constexpr int64_t kShortRow = 64;
-
 // Short rows (7x7 = 49 positions): one row per lane, `count` <= 16 rows at once, each
 // position gathered across the rows. No horizontal reduction and no partial vector per
 // row, which is what a row-at-a-time loop spends most of its time on at this length.
@@ -316,57 +287,15 @@ bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
   if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
     return false;
   } else {
-    const int64_t L = p.positions, C = p.channels;
-    constexpr bool kHalfType = at::is_reduced_floating_point_v<scalar_t>;
-    // 16-bit types read 32-bit words (below), which needs a second position in the row.
-    if (L > kShortRow || (kHalfType && L < 2)) return false;
-    const RowStrides& xs = p.x_strides;
-    const scalar_t* x = static_cast<const scalar_t*>(p.x);
-    // Offsets of the rows from the lowest one, in elements; gathers take 32-bit offsets.
-    const scalar_t* starts[16];
-    const scalar_t* base = nullptr;
-    int64_t n = first / C, c = first % C;  // one division per group, not per row
-    for (int64_t j = 0; j < count; ++j) {
-      starts[j] = x + n * xs.batch + c * xs.channel;
-      base = j == 0 ? starts[0] : std::min(base, starts[j]);
-      if (++c == C) c = 0, ++n;
-    }
-    alignas(64) int32_t offsets[16] = {};
-    for (int64_t j = 0; j < count; ++j) {
-      const int64_t offset = starts[j] - base;
-      if (offset > INT32_MAX - L) return false;
-      offsets[j] = static_cast<int32_t>(offset);
-    }
-    const __mmask16 active = static_cast<__mmask16>((1u << count) - 1);
-    const __m512i first_index = _mm512_load_si512(offsets);
+    ShortRowGather<scalar_t> gather;
+    if (!gather.init(p, first, count)) return false;
+    const int64_t L = p.positions;
     const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    auto gather = [&](int64_t i) -> Vectorized<float> {
-      const __m512i index = _mm512_add_epi32(first_index, _mm512_set1_epi32(static_cast<int>(i)));
-      if constexpr (!kHalfType) {
-        return _mm512_mask_i32gather_ps(neg_inf, active, index, base, 4);
-      } else {
-        // A 16-bit element is one half of the 32-bit word gathered at its own address
-        // (low half), or, for the row's last position, at the previous element's address
-        // (high half), so no word reaches past the row.
-        const bool last = i == L - 1;
-        const __m512i at = last ? _mm512_sub_epi32(index, _mm512_set1_epi32(1)) : index;
-        __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), active, at, base, 2);
-        word = last ? _mm512_srli_epi32(word, 16)
-                    : _mm512_and_si512(word, _mm512_set1_epi32(0xFFFF));
-        __m512 v;
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          v = _mm512_castsi512_ps(_mm512_slli_epi32(word, 16));
-        } else {
-          v = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(word));
-        }
-        return _mm512_mask_blend_ps(active, neg_inf, v);
-      }
-    };
     // One gather per position, kept transposed (position-major) for the exp pass.
     alignas(64) float transposed[kShortRow * 16];
     Vectorized<float> vmax(neg_inf);
     for (int64_t i = 0; i < L; ++i) {
-      const Vectorized<float> v = gather(i);
+      const Vectorized<float> v = gather(i, neg_inf);
       v.store(transposed + i * 16);
       vmax = at::vec::maximum(vmax, v);
     }
@@ -380,9 +309,8 @@ bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
     // As in contiguous_chunk_state: fetch the next group's rows (they follow these when
     // rows are contiguous) while this pass computes from cache; one line per position
     // covers 16 rows of <= 64 float positions.
-    const int64_t group_bytes = count * L * static_cast<int64_t>(sizeof(scalar_t));
     for (int64_t i = 0; i < L; ++i) {
-      prefetch_ahead(base, group_bytes + i * 64);
+      gather.prefetch_next(count, i);
       accumulate(Vectorized<float>::loadu(transposed + i * 16) - shift_by, s[i & 1], t[i & 1]);
     }
     vmax.store(row_max, count);

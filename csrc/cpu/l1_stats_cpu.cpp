@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "../l1_state.h"
+#include "avx512_short_rows.h"
 
 namespace sparsity_ext {
 namespace {
@@ -87,31 +88,6 @@ struct Pack {
   }
 };
 
-#if defined(CPU_CAPABILITY_AVX512)
-// log2(x) for x > 0 (+inf -> +inf, NaN -> NaN): x = 2^e m with m in [1, 2), and
-// log2(m) = u Q(u), u = m - 1, Q a degree-8 Chebyshev interpolant of log2(1 + u)/u on
-// [0, 1]: absolute error 1.4e-7 evaluated in float (about 1 ulp of log2 m), which is what
-// the sums need (T/S and log x - T/S are compared in absolute terms). getmant/getexp handle
-// subnormal x. Measured here about 5x cheaper than Sleef's logf (u10), which at::vec's
-// log() calls and which made the forward log-bound; base 2 saves the multiply by log(2)
-// per element (done once per row instead).
-inline __m512 log2_positive(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 u = _mm512_sub_ps(_mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src), one);
-  __m512 q = _mm512_set1_ps(7.395402063e-03f);
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-4.194501042e-02f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(1.118320748e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-1.962389499e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(2.752211988e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-3.582990766e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(4.806788862e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-7.213395238e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(1.442695022e+00f));
-  return _mm512_fmadd_ps(u, q, _mm512_getexp_ps(x));  // getexp: e = floor(log2 x)
-}
-
-constexpr float kLn2 = 0.693147180559945309f;
-#endif
 
 // log of the live lanes (!(x <= 0): x > 0, +inf, NaN); 0 on the others, whose log is never
 // used (log(1) = 0 rather than log(0) = -inf, so a * log a is 0 there, not 0 * -inf).
@@ -138,14 +114,9 @@ struct VecL1State {
   void add(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<acc_t, float>) {
-      // The same sums with mask registers: NLE_UQ is true for x > 0 and for NaN.
-      const __m512 one = _mm512_set1_ps(1.0f);
-      const __mmask16 live_lanes = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NLE_UQ);
-      const __m512 log_a = log2_positive(_mm512_mask_blend_ps(live_lanes, one, x));
-      sum = _mm512_mask_add_ps(sum, live_lanes, sum, x);
-      xlogx = _mm512_mask3_fmadd_ps(x, log_a, xlogx, live_lanes);
-      total = _mm512_add_ps(total, x);
-      live = _mm512_mask_add_ps(live, live_lanes, live, one);
+      __m512 s = sum, t = xlogx, x_total = total, x_live = live;
+      l1_step(x, s, t, x_total, x_live);
+      sum = s, xlogx = t, total = x_total, live = x_live;
       return;
     }
 #endif
@@ -209,8 +180,6 @@ void store_rows(const L1ForwardParams& p, int64_t first, int64_t count,
 // --- forward ------------------------------------------------------------------------
 
 // Rows of at most this many positions take short_rows_sums below.
-constexpr int64_t kShortRow = 64;
-
 // Short rows (7x7 = 49 positions): one row per lane, the `count` <= 16 rows of a group at
 // once, each position gathered across the rows (as channel_stats_cpu.cpp does): no
 // horizontal reduction and no partial vector per row, which is what a row-at-a-time loop
@@ -222,51 +191,11 @@ bool short_rows_sums(const L1ForwardParams& p, int64_t first, int64_t count,
   if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
     return false;
   } else {
-    const int64_t L = p.positions, C = p.channels;
-    constexpr bool kHalfType = at::is_reduced_floating_point_v<scalar_t>;
-    // 16-bit types read 32-bit words (below), which needs a second position in the row.
-    if (L > kShortRow || (kHalfType && L < 2)) return false;
-    const scalar_t* x = static_cast<const scalar_t*>(p.x);
-    // Offsets of the rows from the lowest one, in elements; gathers take 32-bit offsets.
-    const scalar_t* starts[16];
-    const scalar_t* base = nullptr;
-    int64_t n = first / C, c = first % C;
-    for (int64_t j = 0; j < count; ++j) {
-      starts[j] = x + n * p.x_strides.batch + c * p.x_strides.channel;
-      base = j == 0 ? starts[0] : std::min(base, starts[j]);
-      if (++c == C) c = 0, ++n;
-    }
-    alignas(64) int32_t offsets[16] = {};
-    for (int64_t j = 0; j < count; ++j) {
-      const int64_t offset = starts[j] - base;
-      if (offset > INT32_MAX - L) return false;
-      offsets[j] = static_cast<int32_t>(offset);
-    }
-    const __mmask16 active = static_cast<__mmask16>((1u << count) - 1);
-    const __m512i first_index = _mm512_load_si512(offsets);
+    ShortRowGather<scalar_t> gather;
+    if (!gather.init(p, first, count)) return false;
     VecL1State<float> state;
-    for (int64_t i = 0; i < L; ++i) {
-      const __m512i index = _mm512_add_epi32(first_index, _mm512_set1_epi32(static_cast<int>(i)));
-      __m512 v;  // inactive lanes read 0: not live, adding nothing
-      if constexpr (!kHalfType) {
-        v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), active, index, base, 4);
-      } else {
-        // A 16-bit element is one half of the 32-bit word gathered at its own address (low
-        // half), or, for the row's last position, at the previous element's (high half), so
-        // no word reaches past the row.
-        const bool last = i == L - 1;
-        const __m512i at = last ? _mm512_sub_epi32(index, _mm512_set1_epi32(1)) : index;
-        __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), active, at, base, 2);
-        word = last ? _mm512_srli_epi32(word, 16)
-                    : _mm512_and_si512(word, _mm512_set1_epi32(0xFFFF));
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          v = _mm512_castsi512_ps(_mm512_slli_epi32(word, 16));
-        } else {
-          v = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(word));
-        }
-        v = _mm512_maskz_mov_ps(active, v);
-      }
-      state.add(v);
+    for (int64_t i = 0; i < p.positions; ++i) {
+      state.add(gather(i, _mm512_setzero_ps()));  // lanes past the group: 0, not live
     }
     state.sum.store(sums.sum);
     state.xlogx_nats().store(sums.xlogx);

@@ -5,6 +5,7 @@
 #include "../host_prepare.h"
 #include "channel_stats_cpu.h"
 #include "l1_stats_cpu.h"
+#include "monitor_sums_cpu.h"
 #include "recycled_buffers.h"
 
 namespace sparsity_ext {
@@ -40,6 +41,21 @@ void l1_backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
   SPARSITY_EXT_CPU_KERNEL(l1_stats_backward_cpu)(call.params);
 }
 
+// One native call per monitored activation (sparsity_ext/monitor.py): one fused pass where
+// the kernel has one, else both forward kernels and their row statistics reduced into sums.
+void monitor_sums_cpu(at::Tensor& sums, const at::Tensor& x) {
+  MonitorSumsParams params = prepare_monitor_sums(sums, x);
+  if (params.rows == 0) return;
+  const ForwardCall softmax = prepare_forward(x);
+  if (SPARSITY_EXT_CPU_KERNEL(monitor_sums_fused_cpu)(softmax.params, params)) return;
+  const ForwardCall l1 = prepare_forward(softmax.x, kL1Stats);  // x, or the one copy of it
+  SPARSITY_EXT_CPU_KERNEL(channel_stats_forward_cpu)(softmax.params);
+  SPARSITY_EXT_CPU_KERNEL(l1_stats_forward_cpu)(l1.params);
+  params.softmax_stats = softmax.row_stats.const_data_ptr();
+  params.l1_stats = l1.row_stats.const_data_ptr();
+  SPARSITY_EXT_CPU_KERNEL(monitor_sums_cpu)(params);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsity_ext, CPU, m) {
@@ -47,6 +63,7 @@ TORCH_LIBRARY_IMPL(sparsity_ext, CPU, m) {
   m.impl("channel_stats_backward.out", &backward_cpu);
   m.impl("l1_stats_forward", &l1_forward_cpu);
   m.impl("l1_stats_backward.out", &l1_backward_cpu);
+  m.impl("monitor_sums_", &monitor_sums_cpu);
   m.impl("_empty_recycled", &empty_recycled);
 }
 

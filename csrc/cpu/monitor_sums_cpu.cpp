@@ -1,0 +1,208 @@
+// CPU kernels of monitor_sums_: each row's softmax and L1 entropy and sparsity
+// (finalize() of entropy_state.h and l1_state.h, a vector of rows at a time), summed over
+// the rows into the float64 column sums. Short rows on AVX-512 take one fused pass over x
+// for both measures (monitor_sums_fused_cpu); everything else is reduced from the row
+// statistics of the two forward kernels (monitor_sums_cpu).
+#include "monitor_sums_cpu.h"
+
+#if !defined(CPU_CAPABILITY)
+#error "compile once per CPU capability with -DCPU_CAPABILITY=<cap> (see cpu_capability.h)"
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <climits>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../l1_stats_params.h"
+#include "avx512_short_rows.h"
+
+namespace sparsity_ext {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using acc_type_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Rows summed in acc_t, lane by lane, before the block's sums go into float64: a lane adds
+// at most kBlockVectors values in acc_t.
+constexpr int64_t kBlockVectors = 16;
+constexpr int kSummed = kMonitorRows;  // columns summed over rows; the last two are counts
+
+// Adds the block sums of `V`-lane accumulators into float64, lane by lane.
+template <typename acc_t>
+void add_lanes(const Vectorized<acc_t> (&acc)[kSummed], double (&total)[kSummed]) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  for (int c = 0; c < kSummed; ++c) {
+    alignas(64) acc_t lanes[V];
+    acc[c].store(lanes);
+    for (int64_t i = 0; i < V; ++i) total[c] += static_cast<double>(lanes[i]);
+  }
+}
+
+void add_into(const MonitorSumsParams& p, const double (&total)[kSummed]) {
+  for (int c = 0; c < kSummed; ++c) p.sums[c * p.sums_stride] += total[c];
+  p.sums[kMonitorRows * p.sums_stride] += static_cast<double>(p.rows);
+  p.sums[kMonitorValues * p.sums_stride] +=
+      static_cast<double>(p.rows) * static_cast<double>(p.positions);
+}
+
+template <typename acc_t>
+void reduce(const MonitorSumsParams& p) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const acc_t* softmax = static_cast<const acc_t*>(p.softmax_stats);
+  const acc_t* l1 = static_cast<const acc_t*>(p.l1_stats);
+  const int64_t rows = p.rows, L = p.positions;
+  const Vec length(static_cast<acc_t>(L));
+  // SP = (L - PP) / (L - 1); L == 1 gives 0 (NaN stays NaN).
+  const Vec scale(L > 1 ? acc_t(1) / static_cast<acc_t>(L - 1) : acc_t(0));
+  const Vec zero(0), one(1);
+  double total[kSummed] = {};
+  for (int64_t start = 0; start < rows; start += kBlockVectors * V) {
+    const int64_t stop = std::min(rows, start + kBlockVectors * V);
+    Vec acc[kSummed];
+    for (int c = 0; c < kSummed; ++c) acc[c] = zero;
+    for (int64_t j = start; j < stop; j += V) {
+      const int64_t k = std::min(V, stop - j);
+      const Vec entropy = Vec::loadu(softmax + rows + j, k) - Vec::loadu(softmax + 2 * rows + j, k);
+      const Vec sparsity = (length - entropy.exp()) * scale;
+      const Vec s = Vec::loadu(l1 + kL1Sum * rows + j, k);
+      const Vec live = s != zero;  // all bits set in a live (or NaN) row's lane
+      const Vec entropy_l1 = Vec::blendv(zero, s.log() - Vec::loadu(l1 + kL1MeanLog * rows + j, k),
+                                         live);
+      const Vec sparsity_l1 = Vec::blendv(zero, (length - entropy_l1.exp()) * scale, live);
+      const Vec values[kSummed] = {sparsity, entropy, sparsity_l1, entropy_l1,
+                                   Vec::blendv(zero, one, live),
+                                   Vec::loadu(l1 + kL1NonPositive * rows + j, k),
+                                   Vec::loadu(l1 + kL1Total * rows + j, k)};
+      // Lanes past the last row hold loads of 0, which are not all zero results: drop them.
+      for (int c = 0; c < kSummed; ++c) acc[c] = acc[c] + Vec::set(zero, values[c], k);
+    }
+    add_lanes(acc, total);
+  }
+  add_into(p, total);
+}
+
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Groups of 16 short rows per block of the parallel loop; blocks are summed in order, so
+// the sums do not depend on the thread count.
+constexpr int64_t kGroupsPerBlock = 16;
+
+// One group of `count` <= 16 short rows, one row per lane, each position gathered once:
+// the softmax state's max pass and the L1 sums read the same gathered vector, the softmax
+// exp pass reads it back from a transposed copy in cache. Adds the group's rows into acc.
+template <typename scalar_t>
+void fused_group(const ShortRowGather<scalar_t>& gather, int64_t count, __m512 (&acc)[kSummed]) {
+  const int64_t L = gather.length;
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  alignas(64) float transposed[kShortRow * 16];
+  __m512 vmax = neg_inf;
+  __m512 l1_sum = _mm512_setzero_ps(), xlog2x = l1_sum, total = l1_sum, live = l1_sum;
+  for (int64_t i = 0; i < L; ++i) {
+    const __m512 v = gather(i, neg_inf);  // lanes past the group: -inf, dropped below
+    _mm512_store_ps(transposed + i * 16, v);
+    vmax = at::vec::maximum(Vectorized<float>(vmax), Vectorized<float>(v));  // NaN wins
+    l1_step(v, l1_sum, xlog2x, total, live);
+  }
+  // Rows of only masked positions shift by 0 (no -inf - -inf); their sum stays 0.
+  const __m512 shift_by =
+      _mm512_mask_blend_ps(_mm512_cmp_ps_mask(vmax, neg_inf, _CMP_EQ_OQ), vmax, _mm512_setzero_ps());
+  __m512 sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 shifted[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t i = 0; i < L; ++i) {
+    gather.prefetch_next(count, i);
+    softmax_step(_mm512_sub_ps(_mm512_load_ps(transposed + i * 16), shift_by), sum[i & 1],
+                 shifted[i & 1]);
+  }
+  using Vec = Vectorized<float>;
+  const Vec length(static_cast<float>(L));
+  const Vec scale(L > 1 ? 1.0f / static_cast<float>(L - 1) : 0.0f);
+  const Vec s = _mm512_add_ps(sum[0], sum[1]), t = _mm512_add_ps(shifted[0], shifted[1]);
+  const Vec entropy = s.log() - t / s;
+  const Vec sparsity = (length - entropy.exp()) * scale;
+  const Vec zero(0);
+  const Vec l1_s(l1_sum);
+  const Vec is_live = l1_s != zero;  // all bits set in a live (or NaN) row's lane
+  const Vec mean_log = Vec(_mm512_mul_ps(xlog2x, _mm512_set1_ps(kLn2))) / l1_s;
+  const Vec entropy_l1 = Vec::blendv(zero, l1_s.log() - mean_log, is_live);
+  const Vec sparsity_l1 = Vec::blendv(zero, (length - entropy_l1.exp()) * scale, is_live);
+  const Vec rows_live = Vec::blendv(zero, Vec(1), is_live);
+  const Vec non_positive = length - Vec(live);
+  const __m512 values[kSummed] = {sparsity, entropy, sparsity_l1, entropy_l1, rows_live,
+                                  non_positive, total};
+  for (int c = 0; c < kSummed; ++c) acc[c] = _mm512_mask_add_ps(acc[c], gather.active, acc[c], values[c]);
+}
+
+template <typename scalar_t>
+bool fused(const ForwardParams& x, const MonitorSumsParams& p) {
+  if constexpr (!std::is_same_v<acc_type_of<scalar_t>, float>) {
+    return false;
+  } else {
+    const RowStrides& xs = x.x_strides;
+    // Every group's gather must apply (ShortRowGather::init), decided before any work:
+    // short rows, 16-bit rows of two positions or more, offsets within 32 bits.
+    const bool short_rows = x.layout == RowLayout::kRows && x.positions <= kShortRow &&
+                            (!at::is_reduced_floating_point_v<scalar_t> || x.positions >= 2);
+    if (!short_rows || xs.batch + 16 * xs.channel + x.positions > INT32_MAX) return false;
+    const int64_t rows = x.batch * x.channels, groups = (rows + 15) / 16;
+    const int64_t blocks = (groups + kGroupsPerBlock - 1) / kGroupsPerBlock;
+    std::vector<std::array<double, kSummed>> block_sums(blocks);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        __m512 acc[kSummed];
+        for (int c = 0; c < kSummed; ++c) acc[c] = _mm512_setzero_ps();
+        const int64_t stop = std::min(groups, (block + 1) * kGroupsPerBlock);
+        for (int64_t group = block * kGroupsPerBlock; group < stop; ++group) {
+          const int64_t first = group * 16, count = std::min<int64_t>(16, rows - first);
+          ShortRowGather<scalar_t> gather;
+          gather.init(x, first, count);  // applies: checked above
+          fused_group(gather, count, acc);
+        }
+        double total[kSummed] = {};
+        Vectorized<float> vecs[kSummed];
+        for (int c = 0; c < kSummed; ++c) vecs[c] = acc[c];
+        add_lanes(vecs, total);
+        std::copy(total, total + kSummed, block_sums[block].begin());
+      }
+    });
+    double total[kSummed] = {};
+    for (const auto& sums : block_sums) {
+      for (int c = 0; c < kSummed; ++c) total[c] += sums[c];
+    }
+    add_into(p, total);
+    return true;
+  }
+}
+#endif
+}  // namespace
+
+// This build's entry points (one build per CPU capability: see cpu_capability.h).
+namespace CPU_CAPABILITY {
+void monitor_sums_cpu(const MonitorSumsParams& p) {
+  p.acc_dtype == ScalarKind::kFloat64 ? reduce<double>(p) : reduce<float>(p);
+}
+
+bool monitor_sums_fused_cpu(const ForwardParams& x, const MonitorSumsParams& p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  switch (x.dtype) {
+    case ScalarKind::kFloat16: return fused<c10::Half>(x, p);
+    case ScalarKind::kBFloat16: return fused<c10::BFloat16>(x, p);
+    case ScalarKind::kFloat32: return fused<float>(x, p);
+    case ScalarKind::kFloat64: break;
+  }
+#endif
+  return false;
+}
+}  // namespace CPU_CAPABILITY
+
+}  // namespace sparsity_ext
