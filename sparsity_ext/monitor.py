@@ -261,6 +261,7 @@ class SparsityMonitor:
         self._graph_means: dict[tuple[str, int], torch.Tensor] = {}  # latest pass, with grad
         self._capture: dict[tuple[str, int], torch.Tensor] | None = None
         self._skipped: dict[str, str] = {}  # layer -> why its latest output was skipped
+        self._axes: dict[tuple[str, torch.Size], int | str] = {}  # see _channels_first
         self._warned: set[str] = set()
         self._handles = [
             module.register_forward_hook(_LayerHook(self, name))
@@ -309,40 +310,62 @@ class SparsityMonitor:
         self._skipped[name] = why
 
     def _channels_first(self, name: str, output: torch.Tensor) -> torch.Tensor | None:
-        """``output`` as an ``(N, C, *S)`` view by the axes rule, or None to skip it."""
-        if output.dim() < 3:
-            self._skip(name, f"{output.dim()}-D output {tuple(output.shape)} has no positions")
+        """``output`` as an ``(N, C, *S)`` view by the axes rule, or None to skip it.
+
+        The rule depends on the layer and the output's shape only, so its answer is kept per
+        (layer, shape): a hook then costs one dict lookup here (eager; a compiled graph
+        applies the rule while tracing)."""
+        if torch.compiler.is_compiling():
+            axes = self._axes_of(name, output.shape)
+        else:
+            key = (name, output.shape)
+            axes = self._axes.get(key)
+            if axes is None:
+                if len(self._axes) >= 4096:  # a bound for models fed ever new shapes
+                    self._axes.clear()
+                axes = self._axes[key] = self._axes_of(name, output.shape)
+        if isinstance(axes, str):
+            self._skip(name, axes)
             return None
+        return output if axes == 1 else output.movedim(axes, 1)
+
+    def _axes_of(self, name: str, shape: torch.Size) -> int | str:
+        """The channel dim of outputs of ``shape`` from layer ``name`` (1, or another dim to
+        move to 1), or why they are skipped."""
+        ndim = len(shape)
+        if ndim < 3:
+            return f"{ndim}-D output {tuple(shape)} has no positions"
         dim = self.channel_dims[name]
         if dim is None:
             rule = self._rules[name]
-            last_is_feature = output.shape[-1] in rule.linear_features
             if rule.is_conv:
                 dim = 1
-            elif last_is_feature and output.shape[1] not in rule.conv_channels:
+            elif shape[-1] in rule.linear_features and shape[1] not in rule.conv_channels:
                 dim = -1
-            elif output.dim() >= 4:
+            elif ndim >= 4:
                 dim = 1
             else:
-                self._skip(name, f"3-D output {tuple(output.shape)} is ambiguous")
                 if name not in self._warned:
                     self._warned.add(name)
                     warnings.warn(
                         f"SparsityMonitor: layer {name!r} gives a 3-D output "
-                        f"{tuple(output.shape)}, either (N, C, L) or tokens (N, T, D); it is "
+                        f"{tuple(shape)}, either (N, C, L) or tokens (N, T, D); it is "
                         f"skipped. Pass channel_dim={{{name!r}: 1}} for channels first or "
                         f"channel_dim={{{name!r}: -1}} for (N, T, D) tokens.",
-                        stacklevel=4,
+                        stacklevel=5,
                     )
-                return None
-        x = output.movedim(dim, 1) if dim not in (1, 1 - output.dim()) else output
-        if x.shape[2:].numel() == 1:
-            self._skip(name, f"output {tuple(output.shape)} has one position per row")
-            return None
-        if x.numel() == 0:
-            self._skip(name, f"output {tuple(output.shape)} is empty")
-            return None
-        return x
+                return f"3-D output {tuple(shape)} is ambiguous"
+        dim = dim % ndim
+        positions, values = 1, 1  # plain products: torch.compile traces them
+        for d in range(ndim):
+            values = values * shape[d]
+            if d not in (0, dim):
+                positions = positions * shape[d]
+        if positions == 1:
+            return f"output {tuple(shape)} has one position per row"
+        if values == 0:
+            return f"output {tuple(shape)} is empty"
+        return dim
 
     def _observe(self, name: str, output) -> None:
         if not self.enabled:
