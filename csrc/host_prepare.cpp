@@ -179,6 +179,11 @@ BackwardCall prepare_backward(
 
 MonitorSumsParams prepare_monitor_sums(at::Tensor& sums, const at::Tensor& x) {
   check_input(x);
+  check_dense(sums, "sums");
+  TORCH_CHECK(sums.device() == x.device(), "sparsity_ext: all tensors must be on the same "
+              "device, but x is on ", x.device(), " and sums is on ", sums.device());
+  TORCH_CHECK(!sums.requires_grad(), "sparsity_ext: sums must not require grad "
+              "(monitor_sums_ adds into it and is not differentiable)");
   check_argument(sums, "sums", x, at::kDouble, {kMonitorColumns});
   MonitorSumsParams p{};
   p.rows = x.size(0) * x.size(1);

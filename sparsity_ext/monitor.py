@@ -1,15 +1,18 @@
 """Layer-wise sparsity monitor and the differentiable sparsity penalty.
 
 :class:`SparsityMonitor` puts forward hooks on chosen modules of a model. Every hooked
-output, seen as ``(N, C, *S)`` with ``L = prod(S)`` positions (see *Axes* below), is read
-by the fused ops and the monitor adds, per (split, layer call), a handful of row sums into
-one persistent buffer on the activation's device: no Python lists growing per batch, no
-host sync per batch. At :meth:`SparsityMonitor.end_epoch` the buffers become one
-:class:`SparsityRecord` per (epoch, split, layer call): means over every sample and
-channel seen in that epoch. Under ``torch.distributed`` the sums are all-reduced before
-dividing, so the means are exact over all ranks' samples.
+output, seen as ``(N, C, *S)`` with ``L = prod(S)`` positions (see *Axes* below), goes to
+one op call, :func:`sparsity_ext.ops.monitor_sums_`, which adds every column's sum over
+the output's rows into one persistent float64 buffer per (split, layer call) on the
+activation's device (float32 on MPS): no autograd, no Python lists growing per batch, no
+host sync per batch. On the CPU the op is one native call; elsewhere (CUDA) it is the two
+fused forward kernels and a few reductions in PyTorch. At :meth:`SparsityMonitor.end_epoch` the buffers become one :class:`SparsityRecord`
+per (epoch, split, layer call): means over every sample and channel seen in that epoch.
+Under ``torch.distributed`` the sums are all-reduced before dividing, so the means are
+exact over all ranks' samples.
 
-Columns of a record (one pass per measure over each hooked output):
+Columns of a record (one pass over x per measure; on AVX-512 CPUs one pass for both where
+rows are short, L <= 64, and x is float32 or 16-bit):
 
 - ``sparsity``, ``entropy``: the paper's softmax measure, mean over all rows.
 - ``sparsity_l1``, ``entropy_l1``: the scale-invariant L1 measure (``p = a / sum a`` with
@@ -19,8 +22,8 @@ Columns of a record (one pass per measure over each hooked output):
 - ``mean_activation``: mean of the activation values.
 - ``rows``: the number of (sample, channel) rows.
 
-Per-row values are float32 (float64 for float64 activations) before they are summed, also
-for float16/bfloat16 activations.
+Per-row values are float32 (float64 for float64 activations), also for float16/bfloat16
+activations; on the CPU at most 16 rows are summed in that dtype before float64.
 
 Axes. A hooked output is measured as ``(N, C, *S)`` with the channel dim chosen by this
 rule (``channel_dim`` overrides it, per monitor or per layer):
@@ -115,8 +118,10 @@ class SparsityRecord(NamedTuple):
 
 
 # Columns of the per-(split, layer call) sums (ops.MONITOR_COLUMNS).
-(_SPARSITY, _ENTROPY, _SPARSITY_L1, _ENTROPY_L1, _LIVE, _ZEROS, _SUM, _ROWS,
- _VALUES) = range(len(ops.MONITOR_COLUMNS))
+(_SPARSITY, _ENTROPY, _SPARSITY_L1, _ENTROPY_L1, _LIVE, _ZEROS, _SUM, _ROWS, _VALUES) = (
+    ops.MONITOR_COLUMNS.index(name) for name in (
+        "sparsity", "entropy", "sparsity_l1", "entropy_l1", "live_rows", "non_positive",
+        "total", "rows", "values"))  # fmt: skip
 
 
 def default_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -396,9 +401,14 @@ class SparsityMonitor:
         key = (self._split_name(), name, call)
         sums = self._buffers.get(key)
         if sums is None:
-            columns = len(ops.MONITOR_COLUMNS)
-            sums = self._buffers[key] = torch.zeros(columns, dtype=torch.float64, device=x.device)
-        ops.monitor_sums_(sums, x)  # one native call: every column, no autograd, no host sync
+            # float64 sums; float32 on MPS, which has no float64
+            dtype = torch.float32 if x.device.type == "mps" else torch.float64
+            sums = torch.zeros(len(ops.MONITOR_COLUMNS), dtype=dtype, device=x.device)
+            self._buffers[key] = sums
+        if sums.dtype == torch.float64:
+            ops.monitor_sums_(sums, x)  # one op call: every column, no autograd, no host sync
+        else:
+            sums.add_(ops.monitor_columns(x).sum((1, 2)))
 
     def _split_name(self) -> str:
         return self.split or ("train" if self.model.training else "test")
@@ -439,11 +449,11 @@ class SparsityMonitor:
         )
         buffers = list(self._buffers.values())
         device = buffers[0].device if buffers else distributed.collective_device()
-        table = torch.zeros(len(slots), len(ops.MONITOR_COLUMNS), dtype=torch.float64,
-                            device=device)
+        dtype = buffers[0].dtype if buffers else torch.float64
+        table = torch.zeros(len(slots), len(ops.MONITOR_COLUMNS), dtype=dtype, device=device)
         for i, key in enumerate(slots):
             if key in self._buffers:
-                table[i] = self._buffers[key].to(device)
+                table[i] = self._buffers[key].to(device, dtype)
         table = distributed.all_reduce_sum(table).cpu().double()
         self.reset()
         records = []

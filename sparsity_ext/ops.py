@@ -9,6 +9,10 @@ S, T/S, count of x <= 0, sum of x; see reference.py). For ``channel_stats``:
 - ``channel_stats_backward(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity) -> grad_x``
 - ``channel_stats_backward.out(..., *, grad_x) -> ()``: the same, written into ``grad_x``
 
+A third op serves the monitor: ``monitor_sums_(sums, x) -> ()`` adds the sums over x's
+rows of every monitor column (:data:`MONITOR_COLUMNS`, both measures) into a float64
+buffer, in one native call with no autograd (see :func:`monitor_sums_`).
+
 ``row_stats`` ``(3, N, C)`` holds each row's max, log-sum and mean shift in the accumulation
 dtype: all the one-pass backward needs, so no softmax is ever stored. It is not
 differentiable. Everything else is, to any order and under every ``torch.func`` transform:
@@ -62,15 +66,17 @@ class Measure:
     reference_row_stats: Callable
     entropy_derivatives: Callable
 
-    @property
+    # Looked up once (after the schemas below are defined): every call of a measure goes
+    # through these, so no attribute chain of torch.ops per call.
+    @functools.cached_property
     def forward_op(self):
         return getattr(torch.ops.sparsity_ext, f"{self.name}_forward").default
 
-    @property
+    @functools.cached_property
     def backward_op(self):
         return getattr(torch.ops.sparsity_ext, f"{self.name}_backward").default
 
-    @property
+    @functools.cached_property
     def backward_out_op(self):
         return getattr(torch.ops.sparsity_ext, f"{self.name}_backward").out
 
@@ -108,8 +114,12 @@ def _allocator_for(x: torch.Tensor) -> Callable:
     buffers when the library is loaded, since fresh memory as large as x costs more page
     faults than the backward kernel costs (csrc/cpu/recycled_buffers.h); else new_empty."""
     if x.device.type == "cpu" and _extension.kernel_available("cpu"):
-        return lambda sizes: torch.ops.sparsity_ext._empty_recycled(x, list(sizes))
+        return functools.partial(_empty_recycled, x)
     return x.new_empty
+
+
+def _empty_recycled(x: torch.Tensor, sizes) -> torch.Tensor:
+    return torch.ops.sparsity_ext._empty_recycled.default(x, list(sizes))
 
 
 def check_backward_arguments(x, row_stats, grads, grad_x=None, row_stats_rows=3) -> None:
@@ -445,6 +455,9 @@ def _check_monitor_sums(sums: torch.Tensor, x: torch.Tensor) -> None:
     if sums.device != x.device:
         raise RuntimeError(f"sparsity_ext: all tensors must be on the same device, but x is on "
                            f"{x.device} and sums is on {sums.device}")
+    if sums.requires_grad:
+        raise RuntimeError("sparsity_ext: sums must not require grad (monitor_sums_ adds into "
+                           "it and is not differentiable)")
     if sums.dtype != torch.float64:
         raise TypeError(f"sparsity_ext: sums must have dtype torch.float64, got {sums.dtype}")
     if tuple(sums.shape) != (len(MONITOR_COLUMNS),):
@@ -464,7 +477,7 @@ def monitor_columns(x: torch.Tensor) -> torch.Tensor:
     slope = reference.sparsity_slope(length)
     entropy = softmax_stats[1] - softmax_stats[2]
     live = s != 0
-    entropy_l1 = torch.where(live, s.log() - mean_log, 0)
+    entropy_l1 = torch.where(live, s.log() - mean_log, 0) * (1 if length > 1 else 0)
     sparsity_l1 = torch.where(live, (entropy_l1.exp() - length) * slope, 0)
     rows = torch.ones_like(s)
     return torch.stack([(entropy.exp() - length) * slope, entropy, sparsity_l1, entropy_l1,

@@ -93,23 +93,43 @@ def test_the_native_kernel_and_the_plain_pytorch_fallback_agree(dtype):
 
 def test_a_nan_row_makes_the_measures_nan_and_counts_as_live():
     x = random_input((2, 3, 4, 4), torch.float32)
+    x[1, 1] = -1.0  # no positive value: live only because of its NaN
     x[1, 1, 2, 2] = math.nan
     sums = torch.zeros(COLUMNS, dtype=torch.float64)
     ops.monitor_sums_(sums, x)
     columns = dict(zip(ops.MONITOR_COLUMNS, sums.tolist()))
     for name in ("sparsity", "entropy", "sparsity_l1", "entropy_l1", "total"):
         assert math.isnan(columns[name]), name
-    assert columns["live_rows"] == expected_sums(x.nan_to_num(0.5))[4].item()
+    others = torch.cat([x[0].reshape(3, -1), x[1, [0, 2]].reshape(2, -1)])  # the other rows
+    assert columns["live_rows"] == 1 + (others > 0).any(-1).sum().item()
+    # NaN is not <= 0: the row's 15 other positions are
+    assert columns["non_positive"] == 15 + (others <= 0).sum().item()
     assert columns["rows"] == 6 and columns["values"] == 96
 
 
-def test_it_records_no_autograd_and_leaves_the_input_alone():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_sums_do_not_depend_on_the_thread_count(dtype):
+    x = random_input((8, 70, 7, 7), dtype)  # 560 rows: several blocks of the parallel loop
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            sums = torch.zeros(COLUMNS, dtype=torch.float64)
+            ops.monitor_sums_(sums, x)
+            results.append(sums)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results)
+    assert_sums_close(results[0], expected_sums(x), x)
+
+
+def test_an_input_that_requires_grad_is_read_and_left_alone():
     x = random_input((2, 3, 4, 4), torch.float32).requires_grad_(True)
     before = x.detach().clone()
     sums = torch.zeros(COLUMNS, dtype=torch.float64)
     ops.monitor_sums_(sums, x)
-    assert not sums.requires_grad and sums.grad_fn is None
-    assert torch.equal(x.detach(), before)
+    assert torch.equal(x.detach(), before) and x.grad is None
     assert_sums_close(sums, expected_sums(before), before)
 
 
@@ -122,12 +142,16 @@ def test_it_records_no_autograd_and_leaves_the_input_alone():
          "sums must have shape"),
         (torch.zeros(COLUMNS, dtype=torch.float64, device="meta"), torch.randn(2, 3, 4),
          RuntimeError, "all tensors must be on the same device"),
+        (torch.zeros(COLUMNS, dtype=torch.float64, requires_grad=True), torch.randn(2, 3, 4),
+         RuntimeError, "sums must not require grad"),
         (torch.zeros(COLUMNS, dtype=torch.float64), torch.randn(2, 3), ValueError,
          "x must have shape (N, C, *spatial)"),
         (torch.zeros(COLUMNS, dtype=torch.float64), torch.ones(2, 3, 4, dtype=torch.int64),
          TypeError, "x must be a floating-point tensor"),
     ],
-    ids=["sums dtype", "sums shape", "sums device", "x dims", "x dtype"],
+    # "sums device" reaches the fake kernel even on the native path (meta dispatch): no
+    # second real device here to reach the C++ check with.
+    ids=["sums dtype", "sums shape", "sums device", "sums grad", "x dims", "x dtype"],
 )
 @pytest.mark.parametrize("path", ["native", "fallback", "fake"])
 def test_bad_arguments_raise_the_same_error_on_every_path(sums, x, error, text, path):
@@ -141,7 +165,8 @@ def test_bad_arguments_raise_the_same_error_on_every_path(sums, x, error, text, 
         call(sums, x)
 
 
-def test_compiled_with_dynamic_shapes_it_adds_into_the_buffer_like_eager():
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_compiled_with_dynamic_shapes_it_adds_into_the_buffer_like_eager(requires_grad):
     sums = torch.zeros(COLUMNS, dtype=torch.float64)
 
     def step(x):
@@ -151,8 +176,11 @@ def test_compiled_with_dynamic_shapes_it_adds_into_the_buffer_like_eager():
     compiled_step = torch.compile(step, dynamic=True, fullgraph=True)
     want = torch.zeros(COLUMNS, dtype=torch.float64)
     for size in (5, 6, 7):
-        x = random_input((2, 3, size, size), torch.float32)
-        compiled_step(x)
+        x = random_input((2, 3, size, size), torch.float32).requires_grad_(requires_grad)
+        loss = compiled_step(x)
+        if requires_grad:  # the graph around the op still differentiates
+            (grad,) = torch.autograd.grad(loss, x)
+            torch.testing.assert_close(grad, (x > 0).float())
         ops.monitor_sums_(want, x)
     torch.testing.assert_close(sums, want, rtol=1e-12, atol=1e-9)
 

@@ -94,6 +94,7 @@ struct ShortRowGather {
   // False where it does not apply: rows longer than kShortRow, offsets beyond 32 bits, or
   // 16-bit rows of one position (16-bit types read 32-bit words, which needs a second).
   bool init(const ForwardParams& p, int64_t first, int64_t count) {
+    active = 0;  // no lane reads anything unless init succeeds
     const int64_t L = p.positions, C = p.channels;
     if (L > kShortRow || (kHalfType && L < 2)) return false;
     const scalar_t* x = static_cast<const scalar_t*>(p.x);

@@ -65,6 +65,7 @@ void reduce(const MonitorSumsParams& p) {
   const Vec length(static_cast<acc_t>(L));
   // SP = (L - PP) / (L - 1); L == 1 gives 0 (NaN stays NaN).
   const Vec scale(L > 1 ? acc_t(1) / static_cast<acc_t>(L - 1) : acc_t(0));
+  const Vec single(L > 1 ? acc_t(1) : acc_t(0));  // times the L1 entropy: 0 when L == 1
   const Vec zero(0), one(1);
   double total[kSummed] = {};
   for (int64_t start = 0; start < rows; start += kBlockVectors * V) {
@@ -77,8 +78,9 @@ void reduce(const MonitorSumsParams& p) {
       const Vec sparsity = (length - entropy.exp()) * scale;
       const Vec s = Vec::loadu(l1 + kL1Sum * rows + j, k);
       const Vec live = s != zero;  // all bits set in a live (or NaN) row's lane
-      const Vec entropy_l1 = Vec::blendv(zero, s.log() - Vec::loadu(l1 + kL1MeanLog * rows + j, k),
-                                         live);
+      // L == 1: H = 0 exactly (l1_finalize), not log S - T/S rounded; NaN stays NaN.
+      const Vec entropy_l1 =
+          Vec::blendv(zero, (s.log() - Vec::loadu(l1 + kL1MeanLog * rows + j, k)) * single, live);
       const Vec sparsity_l1 = Vec::blendv(zero, (length - entropy_l1.exp()) * scale, live);
       const Vec values[kSummed] = {sparsity, entropy, sparsity_l1, entropy_l1,
                                    Vec::blendv(zero, one, live),
@@ -134,7 +136,8 @@ void fused_group(const ShortRowGather<scalar_t>& gather, int64_t count, __m512 (
   const Vec l1_s(l1_sum);
   const Vec is_live = l1_s != zero;  // all bits set in a live (or NaN) row's lane
   const Vec mean_log = Vec(_mm512_mul_ps(xlog2x, _mm512_set1_ps(kLn2))) / l1_s;
-  const Vec entropy_l1 = Vec::blendv(zero, l1_s.log() - mean_log, is_live);
+  const Vec single(L > 1 ? 1.0f : 0.0f);  // L == 1: H = 0 exactly, as in reduce()
+  const Vec entropy_l1 = Vec::blendv(zero, (l1_s.log() - mean_log) * single, is_live);
   const Vec sparsity_l1 = Vec::blendv(zero, (length - entropy_l1.exp()) * scale, is_live);
   const Vec rows_live = Vec::blendv(zero, Vec(1), is_live);
   const Vec non_positive = length - Vec(live);
@@ -148,13 +151,15 @@ bool fused(const ForwardParams& x, const MonitorSumsParams& p) {
   if constexpr (!std::is_same_v<acc_type_of<scalar_t>, float>) {
     return false;
   } else {
-    const RowStrides& xs = x.x_strides;
-    // Every group's gather must apply (ShortRowGather::init), decided before any work:
-    // short rows, 16-bit rows of two positions or more, offsets within 32 bits.
-    const bool short_rows = x.layout == RowLayout::kRows && x.positions <= kShortRow &&
-                            (!at::is_reduced_floating_point_v<scalar_t> || x.positions >= 2);
-    if (!short_rows || xs.batch + 16 * xs.channel + x.positions > INT32_MAX) return false;
+    if (x.layout != RowLayout::kRows) return false;
     const int64_t rows = x.batch * x.channels, groups = (rows + 15) / 16;
+    // Every group's gather must apply (short rows, 16-bit rows of two positions or more,
+    // offsets within 32 bits), decided before any work: a few integer operations per
+    // group, next to the group's hundreds of elements.
+    for (int64_t group = 0; group < groups; ++group) {
+      ShortRowGather<scalar_t> gather;
+      if (!gather.init(x, group * 16, std::min<int64_t>(16, rows - group * 16))) return false;
+    }
     const int64_t blocks = (groups + kGroupsPerBlock - 1) / kGroupsPerBlock;
     std::vector<std::array<double, kSummed>> block_sums(blocks);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -165,7 +170,7 @@ bool fused(const ForwardParams& x, const MonitorSumsParams& p) {
         for (int64_t group = block * kGroupsPerBlock; group < stop; ++group) {
           const int64_t first = group * 16, count = std::min<int64_t>(16, rows - first);
           ShortRowGather<scalar_t> gather;
-          gather.init(x, first, count);  // applies: checked above
+          gather.init(x, first, count);  // true: every group was checked above
           fused_group(gather, count, acc);
         }
         double total[kSummed] = {};
