@@ -177,6 +177,20 @@ BackwardCall prepare_backward(
   return call;
 }
 
+c10::optional<ForwardParams> in_place_input(const at::Tensor& x) {
+  const c10::optional<ResolvedLayout> resolved = in_place_layout(x);
+  if (!resolved) return c10::nullopt;
+  ForwardParams p{};
+  p.x = x.const_data_ptr();
+  p.batch = x.size(0);
+  p.channels = x.size(1);
+  p.positions = positions_of(x);
+  p.layout = resolved->layout;
+  p.dtype = scalar_kind(x.scalar_type());
+  p.x_strides = resolved->strides;
+  return p;
+}
+
 MonitorSumsParams prepare_monitor_sums(at::Tensor& sums, const at::Tensor& x) {
   check_input(x);
   check_dense(sums, "sums");

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 #include <tuple>
 
@@ -37,6 +38,10 @@ BackwardCall prepare_backward(
     const at::Tensor& x, const at::Tensor& row_stats, const at::Tensor& grad_entropy,
     const at::Tensor& grad_perplexity, const at::Tensor& grad_sparsity, at::Tensor& grad_x,
     int64_t row_stats_rows = 3);
+
+// The input half of x's ForwardParams (no output pointers) when the kernels can read x in
+// place; no allocation, no check (call after the checks).
+c10::optional<ForwardParams> in_place_input(const at::Tensor& x);
 
 // monitor_sums_'s checks: x as for the forward, sums float64 (kMonitorColumns,) on x's
 // device. Fills the params but the two row_stats pointers (the caller runs the forwards).

@@ -504,7 +504,10 @@ def monitor_sums_(sums: torch.Tensor, x: torch.Tensor) -> None:
     """Add the monitor's column sums of activation ``x`` ``(N, C, *S)`` into ``sums``, a
     float64 ``(len(MONITOR_COLUMNS),)`` tensor on x's device (columns: MONITOR_COLUMNS):
     one native call, one read of x per measure, no autograd, no host sync."""
-    torch.ops.sparsity_ext.monitor_sums_.default(sums, x)
+    _MONITOR_SUMS_OP(sums, x)
+
+
+_MONITOR_SUMS_OP = torch.ops.sparsity_ext.monitor_sums_.default
 
 
 ChannelStatsBackwardFunction = _backward_function(CHANNEL_STATS)

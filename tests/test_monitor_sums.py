@@ -46,7 +46,8 @@ def tolerance(x: torch.Tensor) -> float:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(5, 37, 7, 7), (3, 4, 8, 8), (2, 3, 17), (2, 5, 300), (1, 2, 9000),
-                                   (4, 3, 1)], ids=str)  # fmt: skip
+                                   (4, 3, 1), (6, 40, 4, 4), (2, 24, 8, 8), (1, 35, 32)],
+                         ids=str)  # fmt: skip
 def test_every_column_matches_its_float64_definition(device, dtype, shape):
     x = random_input(shape, dtype, device)
     x[0, 0] = -1.0  # a dead row (no positive value)

@@ -46,8 +46,9 @@ void l1_backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
 void monitor_sums_cpu(at::Tensor& sums, const at::Tensor& x) {
   MonitorSumsParams params = prepare_monitor_sums(sums, x);
   if (params.rows == 0) return;
+  const c10::optional<ForwardParams> input = in_place_input(x);
+  if (input && SPARSITY_EXT_CPU_KERNEL(monitor_sums_fused_cpu)(*input, params)) return;
   const ForwardCall softmax = prepare_forward(x);
-  if (SPARSITY_EXT_CPU_KERNEL(monitor_sums_fused_cpu)(softmax.params, params)) return;
   const ForwardCall l1 = prepare_forward(softmax.x, kL1Stats);  // x, or the one copy of it
   SPARSITY_EXT_CPU_KERNEL(channel_stats_forward_cpu)(softmax.params);
   SPARSITY_EXT_CPU_KERNEL(l1_stats_forward_cpu)(l1.params);
