@@ -6,8 +6,11 @@
 A step is forward, cross-entropy, backward and an Adam update. Variants: no hooks; the
 monitor (no_grad statistics per conv activation); the monitor with SparsityPenalty (the
 statistics computed with autograd and back-propagated, so this one also costs backward
-work). Rounds interleave the variants and each round times ``--steps`` steps; the table
-gives the median round per step and the overhead relative to no hooks, with p20..p80.
+work). Each timed sample is ``--steps`` steps (default 1) of one variant, the variants
+interleaved sample by sample so that the shared machine's slow spells hit them alike; the
+monitor's ``end_epoch`` runs every ``--epoch-steps`` steps and its cost is spread over
+them. The table gives the median sample per step, the overhead of the medians relative to
+no hooks, and p20..p80 of the per-sample ratios.
 """
 
 from __future__ import annotations
@@ -67,23 +70,35 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(case, device: torch.device, rounds: int, steps: int, clock) -> dict[str, list[float]]:
+def measure(case, device: torch.device, rounds: int, steps: int, clock,
+            epoch_steps: int) -> dict[str, list[float]]:
+    """Per-step times of each variant, ``rounds`` samples of ``steps`` steps, the variants
+    interleaved sample by sample (so that the machine's slow spells hit them alike). A
+    monitor's ``end_epoch`` runs every ``epoch_steps`` steps; its mean cost per step is
+    added to each of that variant's samples."""
     _, model_name, batch, channels, size = case
     runs = {v: make_step(model_name, batch, channels, size, v, device) for v in VARIANTS}
     for step, _ in runs.values():  # warm-up
         for _ in range(3):
             step()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for _ in range(rounds):
+    epoch_cost: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for done in range(1, rounds + 1):
         for variant, (step, monitor) in runs.items():
             sync(device)
             start = clock()
             for _ in range(steps):
                 step()
-            if monitor is not None:
-                monitor.end_epoch(0)  # the once-per-epoch reduction, charged to every round
             sync(device)
             times[variant].append((clock() - start) / steps)
+            if monitor is not None and (done * steps) % epoch_steps < steps:
+                start = clock()
+                monitor.end_epoch(0)  # the once-per-epoch reduction
+                sync(device)
+                epoch_cost[variant].append(clock() - start)
+    for variant, costs in epoch_cost.items():
+        per_step = statistics.mean(costs) / epoch_steps if costs else 0.0
+        times[variant] = [t + per_step for t in times[variant]]
     return times
 
 
@@ -94,8 +109,11 @@ def quantile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=301, help="timed samples per variant")
+    parser.add_argument("--steps", type=int, default=1, help="steps per timed sample")
+    parser.add_argument("--epoch-steps", type=int, default=45,
+                        help="steps per epoch: how often the monitor's end_epoch runs "
+                        "(45: the default digits run, 1437 training images in batches of 32)")
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
@@ -116,11 +134,12 @@ def main() -> None:
     print(
         f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"channel_stats: {op}; {args.clock} clock, "
-        f"median of {args.rounds} rounds x {args.steps} steps"
+        f"median of {args.rounds} samples x {args.steps} steps, variants interleaved per "
+        f"sample, end_epoch every {args.epoch_steps} steps"
     )
     print(f"{'case':<26} {'variant':<19} {'ms/step':>9} {'overhead':>9} {'p20..p80':>17}")
     for case in [c for c in CASES if args.only in c[0]]:
-        times = measure(case, device, args.rounds, args.steps, clock)
+        times = measure(case, device, args.rounds, args.steps, clock, args.epoch_steps)
         base = statistics.median(times["no hooks"])
         for variant in VARIANTS:
             med = statistics.median(times[variant])

@@ -161,7 +161,9 @@ void fused_group(const ShortRowGather<scalar_t>& gather, int64_t count, const sc
   __m512 l1_sum = _mm512_setzero_ps(), xlog2x = l1_sum, total = l1_sum, live = l1_sum;
   auto take = [&](int64_t i, __m512 v) {
     _mm512_store_ps(transposed + i * 16, v);
-    vmax = at::vec::maximum(Vectorized<float>(vmax), Vectorized<float>(v));  // NaN wins
+    // max_ps skips NaN; a NaN still reaches the row's sums through the exp pass (an
+    // all-masked row shifts by 0, so even a row of NaN and -inf gives NaN).
+    vmax = _mm512_max_ps(v, vmax);
     l1_step(v, l1_sum, xlog2x, total, live);
   };
   if (contiguous != nullptr) {
@@ -187,16 +189,24 @@ void fused_group(const ShortRowGather<scalar_t>& gather, int64_t count, const sc
   using Vec = Vectorized<float>;
   const Vec length(static_cast<float>(L));
   const Vec scale(L > 1 ? 1.0f / static_cast<float>(L - 1) : 0.0f);
+  // The per-row finish with this file's polynomial log2 and exp2 rather than Sleef's:
+  // exp2_nonpositive also holds for the positive exponents here (H <= log L, L <= 64).
+  const __m512 ln2 = _mm512_set1_ps(kLn2), log2e = _mm512_set1_ps(kLog2e);
+  auto log = [&](const Vec& v) { return Vec(_mm512_mul_ps(log2_positive(v), ln2)); };
+  auto exp = [&](const Vec& v) {
+    __mmask16 representable;
+    return Vec(exp2_nonpositive(_mm512_mul_ps(v, log2e), representable));
+  };
   const Vec s = _mm512_add_ps(sum[0], sum[1]), t = _mm512_add_ps(shifted[0], shifted[1]);
-  const Vec entropy = s.log() - t / s;
-  const Vec sparsity = (length - entropy.exp()) * scale;
+  const Vec entropy = log(s) - t / s;
+  const Vec sparsity = (length - exp(entropy)) * scale;
   const Vec zero(0);
   const Vec l1_s(l1_sum);
   const Vec is_live = l1_s != zero;  // all bits set in a live (or NaN) row's lane
-  const Vec mean_log = Vec(_mm512_mul_ps(xlog2x, _mm512_set1_ps(kLn2))) / l1_s;
+  const Vec mean_log = Vec(_mm512_mul_ps(xlog2x, ln2)) / l1_s;
   const Vec single(L > 1 ? 1.0f : 0.0f);  // L == 1: H = 0 exactly, as in reduce()
-  const Vec entropy_l1 = Vec::blendv(zero, (l1_s.log() - mean_log) * single, is_live);
-  const Vec sparsity_l1 = Vec::blendv(zero, (length - entropy_l1.exp()) * scale, is_live);
+  const Vec entropy_l1 = Vec::blendv(zero, (log(l1_s) - mean_log) * single, is_live);
+  const Vec sparsity_l1 = Vec::blendv(zero, (length - exp(entropy_l1)) * scale, is_live);
   const Vec rows_live = Vec::blendv(zero, Vec(1), is_live);
   const Vec non_positive = length - Vec(live);
   const __m512 values[kSummed] = {sparsity, entropy, sparsity_l1, entropy_l1, rows_live,
