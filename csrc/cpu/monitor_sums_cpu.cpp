@@ -152,9 +152,9 @@ inline void transpose16x16(__m512 (&r)[16]) {
 // (`contiguous`, else null), from plain loads transposed 16 x 16 in registers. Adds the
 // group's rows into acc.
 template <typename scalar_t>
-void fused_group(const ShortRowGather<scalar_t>& gather, int64_t count, const scalar_t* contiguous,
-                 __m512 (&acc)[kSummed]) {
-  const int64_t L = gather.length;
+void fused_group(const ShortRowGather<scalar_t>* gather, const scalar_t* contiguous, int64_t L,
+                 int64_t count, __m512 (&acc)[kSummed]) {
+  const __mmask16 active = contiguous != nullptr ? __mmask16(0xFFFF) : gather->active;
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   alignas(64) float transposed[kShortRow * 16];
   __m512 vmax = neg_inf;
@@ -174,7 +174,7 @@ void fused_group(const ShortRowGather<scalar_t>& gather, int64_t count, const sc
       for (int i = 0; i < 16; ++i) take(i0 + i, tile[i]);
     }
   } else {
-    for (int64_t i = 0; i < L; ++i) take(i, gather(i, neg_inf));  // past the group: -inf
+    for (int64_t i = 0; i < L; ++i) take(i, (*gather)(i, neg_inf));  // past the group: -inf
   }
   // Rows of only masked positions shift by 0 (no -inf - -inf); their sum stays 0.
   const __m512 shift_by =
@@ -182,36 +182,37 @@ void fused_group(const ShortRowGather<scalar_t>& gather, int64_t count, const sc
   __m512 sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   __m512 shifted[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int64_t i = 0; i < L; ++i) {
-    gather.prefetch_next(count, i);
+    if (contiguous == nullptr) {
+      gather->prefetch_next(count, i);
+    } else {  // the next group follows: one line of it per position (<= 64 of 64 bytes)
+      const uintptr_t next = reinterpret_cast<uintptr_t>(contiguous + 16 * L) + i * 64;
+      __builtin_prefetch(reinterpret_cast<const void*>(next));
+    }
     softmax_step(_mm512_sub_ps(_mm512_load_ps(transposed + i * 16), shift_by), sum[i & 1],
                  shifted[i & 1]);
   }
   using Vec = Vectorized<float>;
   const Vec length(static_cast<float>(L));
   const Vec scale(L > 1 ? 1.0f / static_cast<float>(L - 1) : 0.0f);
-  // The per-row finish with this file's polynomial log2 and exp2 rather than Sleef's:
-  // exp2_nonpositive also holds for the positive exponents here (H <= log L, L <= 64).
-  const __m512 ln2 = _mm512_set1_ps(kLn2), log2e = _mm512_set1_ps(kLog2e);
-  auto log = [&](const Vec& v) { return Vec(_mm512_mul_ps(log2_positive(v), ln2)); };
-  auto exp = [&](const Vec& v) {
-    __mmask16 representable;
-    return Vec(exp2_nonpositive(_mm512_mul_ps(v, log2e), representable));
-  };
+  // The per-row finish with at::vec's log and exp, as the forward kernels' store_rows:
+  // the same accuracy as the ops' own outputs (a polynomial exp here is cheaper, but its
+  // 2e-7 relative error is amplified in SP = (L - PP) / (L - 1) when PP is close to L).
+  const __m512 ln2 = _mm512_set1_ps(kLn2);
   const Vec s = _mm512_add_ps(sum[0], sum[1]), t = _mm512_add_ps(shifted[0], shifted[1]);
-  const Vec entropy = log(s) - t / s;
-  const Vec sparsity = (length - exp(entropy)) * scale;
+  const Vec entropy = s.log() - t / s;
+  const Vec sparsity = (length - entropy.exp()) * scale;
   const Vec zero(0);
   const Vec l1_s(l1_sum);
   const Vec is_live = l1_s != zero;  // all bits set in a live (or NaN) row's lane
   const Vec mean_log = Vec(_mm512_mul_ps(xlog2x, ln2)) / l1_s;
   const Vec single(L > 1 ? 1.0f : 0.0f);  // L == 1: H = 0 exactly, as in reduce()
-  const Vec entropy_l1 = Vec::blendv(zero, (log(l1_s) - mean_log) * single, is_live);
-  const Vec sparsity_l1 = Vec::blendv(zero, (length - exp(entropy_l1)) * scale, is_live);
+  const Vec entropy_l1 = Vec::blendv(zero, (l1_s.log() - mean_log) * single, is_live);
+  const Vec sparsity_l1 = Vec::blendv(zero, (length - entropy_l1.exp()) * scale, is_live);
   const Vec rows_live = Vec::blendv(zero, Vec(1), is_live);
   const Vec non_positive = length - Vec(live);
   const __m512 values[kSummed] = {sparsity, entropy, sparsity_l1, entropy_l1, rows_live,
                                   non_positive, total};
-  for (int c = 0; c < kSummed; ++c) acc[c] = _mm512_mask_add_ps(acc[c], gather.active, acc[c], values[c]);
+  for (int c = 0; c < kSummed; ++c) acc[c] = _mm512_mask_add_ps(acc[c], active, acc[c], values[c]);
 }
 
 template <typename scalar_t>
@@ -219,21 +220,25 @@ bool fused(const ForwardParams& x, const MonitorSumsParams& p) {
   if constexpr (!std::is_same_v<acc_type_of<scalar_t>, float>) {
     return false;
   } else {
-    if (x.layout != RowLayout::kRows) return false;
+    if (x.layout != RowLayout::kRows || x.positions > kShortRow) return false;
     const int64_t rows = x.batch * x.channels, groups = (rows + 15) / 16;
-    // Every group's gather must apply (short rows, 16-bit rows of two positions or more,
-    // offsets within 32 bits), decided before any work: a few integer operations per
-    // group, next to the group's hundreds of elements.
-    for (int64_t group = 0; group < groups; ++group) {
-      ShortRowGather<scalar_t> gather;
-      if (!gather.init(x, group * 16, std::min<int64_t>(16, rows - group * 16))) return false;
-    }
-    const int64_t blocks = (groups + kGroupsPerBlock - 1) / kGroupsPerBlock;
-    // Groups of 16 rows one after another in memory, L a multiple of 16: plain loads.
+    // Rows one after another in memory and L a multiple of 16: full groups are read with
+    // plain loads (a 16 x 16 tile at a time), the others with the gather.
     const RowStrides& xs = x.x_strides;
     const bool tiles = x.positions % 16 == 0 && xs.channel == x.positions &&
                        (x.batch == 1 || xs.batch == x.channels * x.positions);
     const scalar_t* data = static_cast<const scalar_t*>(x.x);
+    auto tiled = [&](int64_t group) { return tiles && rows - group * 16 >= 16; };
+    // Every gathered group's gather must apply (16-bit rows of two positions or more,
+    // offsets within 32 bits), decided before any work: a few integer operations per
+    // group, next to the group's hundreds of elements.
+    for (int64_t group = 0; group < groups; ++group) {
+      ShortRowGather<scalar_t> gather;
+      if (!tiled(group) && !gather.init(x, group * 16, std::min<int64_t>(16, rows - group * 16))) {
+        return false;
+      }
+    }
+    const int64_t blocks = (groups + kGroupsPerBlock - 1) / kGroupsPerBlock;
     std::vector<std::array<double, kSummed>> block_sums(blocks);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
@@ -242,13 +247,13 @@ bool fused(const ForwardParams& x, const MonitorSumsParams& p) {
         const int64_t stop = std::min(groups, (block + 1) * kGroupsPerBlock);
         for (int64_t group = block * kGroupsPerBlock; group < stop; ++group) {
           const int64_t first = group * 16, count = std::min<int64_t>(16, rows - first);
-          ShortRowGather<scalar_t> gather;
-          gather.init(x, first, count);  // true: every group was checked above
-          const scalar_t* contiguous =
-              tiles && count == 16 ? data + (first / x.channels) * xs.batch +
-                                         (first % x.channels) * xs.channel
-                                   : nullptr;
-          fused_group(gather, count, contiguous, acc);
+          if (tiled(group)) {
+            fused_group<scalar_t>(nullptr, data + first * x.positions, x.positions, count, acc);
+          } else {
+            ShortRowGather<scalar_t> gather;
+            gather.init(x, first, count);  // true: every such group was checked above
+            fused_group<scalar_t>(&gather, nullptr, x.positions, count, acc);
+          }
         }
         double total[kSummed] = {};
         Vectorized<float> vecs[kSummed];
