@@ -55,6 +55,33 @@ void add_into(const MonitorSumsParams& p, const double (&total)[kSummed]) {
       static_cast<double>(p.rows) * static_cast<double>(p.positions);
 }
 
+// The summed columns of a vector of rows, from each row's softmax entropy, L1 sum S and
+// L1 mean log T/S, its count of values <= 0 and its sum of values: finalize() of
+// entropy_state.h and l1_finalize() of l1_state.h, with at::vec's log and exp (the ops'
+// own accuracy: a cheaper polynomial exp's 2e-7 relative error is amplified in
+// SP = (L - PP) / (L - 1) when PP is close to L).
+template <typename acc_t>
+void row_columns(const Vectorized<acc_t>& entropy, const Vectorized<acc_t>& l1_sum,
+                 const Vectorized<acc_t>& l1_mean_log, const Vectorized<acc_t>& non_positive,
+                 const Vectorized<acc_t>& total, int64_t L, Vectorized<acc_t> (&values)[kSummed]) {
+  using Vec = Vectorized<acc_t>;
+  const Vec length(static_cast<acc_t>(L));
+  // SP = (L - PP) / (L - 1); L == 1 gives 0 (NaN stays NaN).
+  const Vec scale(L > 1 ? acc_t(1) / static_cast<acc_t>(L - 1) : acc_t(0));
+  // L == 1: the L1 entropy is 0 exactly (l1_finalize), not log S - T/S rounded.
+  const Vec single(L > 1 ? acc_t(1) : acc_t(0));
+  const Vec zero(0);
+  const Vec live = l1_sum != zero;  // all bits set in a live (or NaN) row's lane
+  const Vec entropy_l1 = Vec::blendv(zero, (l1_sum.log() - l1_mean_log) * single, live);
+  values[kMonitorSparsity] = (length - entropy.exp()) * scale;
+  values[kMonitorEntropy] = entropy;
+  values[kMonitorSparsityL1] = Vec::blendv(zero, (length - entropy_l1.exp()) * scale, live);
+  values[kMonitorEntropyL1] = entropy_l1;
+  values[kMonitorLiveRows] = Vec::blendv(zero, Vec(1), live);
+  values[kMonitorNonPositive] = non_positive;
+  values[kMonitorTotal] = total;
+}
+
 template <typename acc_t>
 void reduce(const MonitorSumsParams& p) {
   using Vec = Vectorized<acc_t>;
@@ -62,11 +89,7 @@ void reduce(const MonitorSumsParams& p) {
   const acc_t* softmax = static_cast<const acc_t*>(p.softmax_stats);
   const acc_t* l1 = static_cast<const acc_t*>(p.l1_stats);
   const int64_t rows = p.rows, L = p.positions;
-  const Vec length(static_cast<acc_t>(L));
-  // SP = (L - PP) / (L - 1); L == 1 gives 0 (NaN stays NaN).
-  const Vec scale(L > 1 ? acc_t(1) / static_cast<acc_t>(L - 1) : acc_t(0));
-  const Vec single(L > 1 ? acc_t(1) : acc_t(0));  // times the L1 entropy: 0 when L == 1
-  const Vec zero(0), one(1);
+  const Vec zero(0);
   double total[kSummed] = {};
   for (int64_t start = 0; start < rows; start += kBlockVectors * V) {
     const int64_t stop = std::min(rows, start + kBlockVectors * V);
@@ -74,18 +97,11 @@ void reduce(const MonitorSumsParams& p) {
     for (int c = 0; c < kSummed; ++c) acc[c] = zero;
     for (int64_t j = start; j < stop; j += V) {
       const int64_t k = std::min(V, stop - j);
-      const Vec entropy = Vec::loadu(softmax + rows + j, k) - Vec::loadu(softmax + 2 * rows + j, k);
-      const Vec sparsity = (length - entropy.exp()) * scale;
-      const Vec s = Vec::loadu(l1 + kL1Sum * rows + j, k);
-      const Vec live = s != zero;  // all bits set in a live (or NaN) row's lane
-      // L == 1: H = 0 exactly (l1_finalize), not log S - T/S rounded; NaN stays NaN.
-      const Vec entropy_l1 =
-          Vec::blendv(zero, (s.log() - Vec::loadu(l1 + kL1MeanLog * rows + j, k)) * single, live);
-      const Vec sparsity_l1 = Vec::blendv(zero, (length - entropy_l1.exp()) * scale, live);
-      const Vec values[kSummed] = {sparsity, entropy, sparsity_l1, entropy_l1,
-                                   Vec::blendv(zero, one, live),
-                                   Vec::loadu(l1 + kL1NonPositive * rows + j, k),
-                                   Vec::loadu(l1 + kL1Total * rows + j, k)};
+      Vec values[kSummed];
+      row_columns(Vec::loadu(softmax + rows + j, k) - Vec::loadu(softmax + 2 * rows + j, k),
+                  Vec::loadu(l1 + kL1Sum * rows + j, k), Vec::loadu(l1 + kL1MeanLog * rows + j, k),
+                  Vec::loadu(l1 + kL1NonPositive * rows + j, k),
+                  Vec::loadu(l1 + kL1Total * rows + j, k), L, values);
       // Lanes past the last row hold loads of 0, which are not all zero results: drop them.
       for (int c = 0; c < kSummed; ++c) acc[c] = acc[c] + Vec::set(zero, values[c], k);
     }
@@ -100,9 +116,6 @@ void reduce(const MonitorSumsParams& p) {
 // the sums do not depend on the thread count.
 constexpr int64_t kGroupsPerBlock = 16;
 
-// One group of `count` <= 16 short rows, one row per lane, each position gathered once:
-// the softmax state's max pass and the L1 sums read the same gathered vector, the softmax
-// exp pass reads it back from a transposed copy in cache. Adds the group's rows into acc.
 // 16 consecutive elements of scalar_t as float.
 template <typename scalar_t>
 inline __m512 load16(const scalar_t* p) {
@@ -192,26 +205,11 @@ void fused_group(const ShortRowGather<scalar_t>* gather, const scalar_t* contigu
                  shifted[i & 1]);
   }
   using Vec = Vectorized<float>;
-  const Vec length(static_cast<float>(L));
-  const Vec scale(L > 1 ? 1.0f / static_cast<float>(L - 1) : 0.0f);
-  // The per-row finish with at::vec's log and exp, as the forward kernels' store_rows:
-  // the same accuracy as the ops' own outputs (a polynomial exp here is cheaper, but its
-  // 2e-7 relative error is amplified in SP = (L - PP) / (L - 1) when PP is close to L).
-  const __m512 ln2 = _mm512_set1_ps(kLn2);
   const Vec s = _mm512_add_ps(sum[0], sum[1]), t = _mm512_add_ps(shifted[0], shifted[1]);
-  const Vec entropy = s.log() - t / s;
-  const Vec sparsity = (length - entropy.exp()) * scale;
-  const Vec zero(0);
   const Vec l1_s(l1_sum);
-  const Vec is_live = l1_s != zero;  // all bits set in a live (or NaN) row's lane
-  const Vec mean_log = Vec(_mm512_mul_ps(xlog2x, ln2)) / l1_s;
-  const Vec single(L > 1 ? 1.0f : 0.0f);  // L == 1: H = 0 exactly, as in reduce()
-  const Vec entropy_l1 = Vec::blendv(zero, (l1_s.log() - mean_log) * single, is_live);
-  const Vec sparsity_l1 = Vec::blendv(zero, (length - entropy_l1.exp()) * scale, is_live);
-  const Vec rows_live = Vec::blendv(zero, Vec(1), is_live);
-  const Vec non_positive = length - Vec(live);
-  const __m512 values[kSummed] = {sparsity, entropy, sparsity_l1, entropy_l1, rows_live,
-                                  non_positive, total};
+  Vec values[kSummed];
+  row_columns<float>(s.log() - t / s, l1_s, Vec(_mm512_mul_ps(xlog2x, _mm512_set1_ps(kLn2))) / l1_s,
+                     Vec(static_cast<float>(L)) - Vec(live), Vec(total), L, values);
   for (int c = 0; c < kSummed; ++c) acc[c] = _mm512_mask_add_ps(acc[c], active, acc[c], values[c]);
 }
 

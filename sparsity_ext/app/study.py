@@ -158,6 +158,11 @@ def _mean_sd(values: pd.Series, digits: int) -> str:
     return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
 
 
+def _penalty_label(weight: float, normalize: str) -> str:
+    """A table's penalty cell: "0" for none, else the weight and the measure penalised."""
+    return f"{weight:g} {normalize}" if weight > 0 else "0"
+
+
 def _epochs(values: pd.Series) -> str:
     """One epoch per seed ('-' = none)."""
     return " ".join("-" if pd.isna(v) else str(int(v)) for v in values)
@@ -173,7 +178,7 @@ def summarise_study(table: pd.DataFrame) -> str:
     # Epochs are listed per seed, in seed order; other numbers are mean ± sd over seeds.
     lines = ["### Test loss", "", head, "|---|---|---|---|---|---|---|"]
     for (noise, weight, norm), g in groups:
-        pen = f"{weight:g} {norm}" if weight > 0 else "0"
+        pen = _penalty_label(weight, norm)
         lines.append(
             f"| {noise:g} | {pen} | {len(g)} | {int(g['overfitting'].sum())}/{len(g)} | "
             f"{_epochs(g['test_loss_min_epoch'])} | {_mean_sd(g['test_loss_min'], 3)} | "
@@ -190,7 +195,7 @@ def summarise_study(table: pd.DataFrame) -> str:
         "|---|---|---|" + "---|" * len(measures),
     ]
     for (noise, weight, norm), g in groups:
-        pen = f"{weight:g} {norm}" if weight > 0 else "0"
+        pen = _penalty_label(weight, norm)
         cells = []
         for m in measures:
             marks = [
@@ -213,7 +218,7 @@ def summarise_study(table: pd.DataFrame) -> str:
         "|---|---|" + "---|---|" * len(signals) + "---|---|",
     ]
     for (noise, weight, norm), g in groups:
-        pen = f"{weight:g} {norm}" if weight > 0 else "0"
+        pen = _penalty_label(weight, norm)
         cells = []
         for s in signals:
             cells += [_epochs(g[f"signal_{s}"]),
@@ -231,7 +236,7 @@ def summarise_study(table: pd.DataFrame) -> str:
         "|---|---|" + "---|" * len(finals),
     ]
     for (noise, weight, norm), g in groups:
-        pen = f"{weight:g} {norm}" if weight > 0 else "0"
+        pen = _penalty_label(weight, norm)
         lines.append(
             f"| {noise:g} | {pen} | "
             + " | ".join(_mean_sd(g[f"{m}_final"], 3) for m in finals) + " |"
@@ -258,7 +263,7 @@ def plot_study(runs: list[tuple[TrainConfig, pd.DataFrame, pd.DataFrame]], path:
     colours = colormaps["tab10"]
     for k, (key, curves) in enumerate(settings.items()):
         noise, weight, norm = key
-        label = f"noise {noise:g}, penalty " + (f"{weight:g} {norm}" if weight > 0 else "0")
+        label = f"noise {noise:g}, penalty {_penalty_label(weight, norm)}"
         for ax, panel in zip(axes, panels):
             table = pd.concat([c[panel] for c in curves], axis=1)
             epochs = table.index.to_numpy()
