@@ -13,6 +13,8 @@ from testing import (DEVICES, DTYPES, LAYOUTS, ROUNDING, assert_close_to_float64
 SHAPES = [
     (2, 3, 7, 7),        # the short rows of late conv layers
     (5, 37, 7, 7),       # many short rows: full and partial groups of 16 across samples
+    (3, 19, 5, 7),       # L = 35: two full 16 x 16 tiles and a masked one of 3 positions
+    (2, 17, 8, 8),       # L = 64: full tiles only, the longest short row
     (3, 5, 1),           # L = 1
     (1, 1, 2),
     (2, 3, 17),          # 1-D, odd length

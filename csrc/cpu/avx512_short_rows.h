@@ -1,5 +1,5 @@
 // AVX-512 pieces shared by the CPU kernel files (channel_stats, l1_stats, monitor_sums):
-// the float exp and log they use, and the gather that reads a group of short rows one
+// the float exp and log they use, and the reader that hands over a group of short rows one
 // position at a time, a row per lane. Included only by kernel files, inside their
 // per-capability build (cpu_capability.h): everything here is in an anonymous namespace,
 // so each build keeps its own copy.
@@ -10,7 +10,7 @@
 namespace sparsity_ext {
 namespace {
 // Rows of at most this many positions are read a group of 16 rows at a time, one row per
-// lane (7x7 = 49 positions), by ShortRowGather below on AVX-512: no horizontal reduction
+// lane (7x7 = 49 positions), by ShortRowTiles below on AVX-512: no horizontal reduction
 // and no partial vector per row, which is what a row-at-a-time loop spends most of its
 // time on at this length.
 constexpr int64_t kShortRow = 64;
@@ -81,70 +81,111 @@ inline __m512 log2_positive(__m512 x) {
 
 constexpr float kLn2 = 0.693147180559945309f;
 
-// The gather of such a group: `count` <= 16 rows from row `first` of x (p's layout kRows),
-// position i of every row in one vector.
+// 16 consecutive elements of scalar_t as float, lanes outside `mask` read as 0 (and not
+// read at all: a masked load never touches the memory of a masked-out lane).
 template <typename scalar_t>
-struct ShortRowGather {
-  static constexpr bool kHalfType = at::is_reduced_floating_point_v<scalar_t>;
-  const scalar_t* base = nullptr;  // the lowest row start of the group
-  __m512i first_index;             // each row's offset from base, in elements
-  __mmask16 active;                // the group's lanes
+inline __m512 load16(const scalar_t* p, __mmask16 mask = 0xFFFF) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_maskz_loadu_ps(mask, p);
+  } else {
+    const __m256i bits = _mm256_maskz_loadu_epi16(mask, p);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    } else {
+      return _mm512_cvtph_ps(bits);
+    }
+  }
+}
+
+// In place: r[j] (row j, 16 positions) becomes position j of the 16 rows (row i in lane i).
+inline void transpose16x16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int j = 0; j < 16; j += 2) {  // lane k of t[j]: r[j], r[j+1] at 4k and 4k+1; t[j+1]: +2
+    t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
+    t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+  }
+  __m512 u[16];  // u[4g + m]: rows 4g..4g+3 at positions 4k + m, k = 0..3
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 1]), d = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int m = 0; m < 4; ++m) {
+    // v: rows 0-7 (lo) and 8-15 (hi) at positions m, 8 + m (0x88) and 4 + m, 12 + m (0xdd)
+    const __m512 lo_a = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88);
+    const __m512 lo_b = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xdd);
+    const __m512 hi_a = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+    const __m512 hi_b = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xdd);
+    r[m] = _mm512_shuffle_f32x4(lo_a, hi_a, 0x88);
+    r[8 + m] = _mm512_shuffle_f32x4(lo_a, hi_a, 0xdd);
+    r[4 + m] = _mm512_shuffle_f32x4(lo_b, hi_b, 0x88);
+    r[12 + m] = _mm512_shuffle_f32x4(lo_b, hi_b, 0xdd);
+  }
+}
+
+// The reader of such a group: `count` <= 16 rows from row `first` of x (layout kRows, so
+// each row's positions are consecutive), handed to the caller one position at a time,
+// position i of every row in one vector (row j in lane j). It reads 16 positions of each
+// row with one (masked) load and transposes the 16 x 16 tile in registers: plain loads
+// wherever the rows lie, where a gather per position costs several times more (measured
+// on Zen 4, whose gathers are microcoded).
+template <typename scalar_t>
+struct ShortRowTiles {
+  const scalar_t* starts[16];  // each row's first element; rows past the group repeat row 0
+  __mmask16 active = 0;        // the group's lanes
   int64_t length = 0;
 
-  // False where it does not apply: rows longer than kShortRow, offsets beyond 32 bits, or
-  // 16-bit rows of one position (16-bit types read 32-bit words, which needs a second).
+  // False where it does not apply: rows longer than kShortRow.
   bool init(const ForwardParams& p, int64_t first, int64_t count) {
-    active = 0;  // no lane reads anything unless init succeeds
     const int64_t L = p.positions, C = p.channels;
-    if (L > kShortRow || (kHalfType && L < 2)) return false;
+    if (L > kShortRow) return false;
     const scalar_t* x = static_cast<const scalar_t*>(p.x);
-    const scalar_t* starts[16];
     int64_t n = first / C, c = first % C;  // one division per group, not per row
     for (int64_t j = 0; j < count; ++j) {
       starts[j] = x + n * p.x_strides.batch + c * p.x_strides.channel;
-      base = j == 0 ? starts[0] : std::min(base, starts[j]);
       if (++c == C) c = 0, ++n;
     }
-    alignas(64) int32_t offsets[16] = {};
-    for (int64_t j = 0; j < count; ++j) {
-      const int64_t offset = starts[j] - base;
-      if (offset > INT32_MAX - L) return false;
-      offsets[j] = static_cast<int32_t>(offset);
-    }
-    first_index = _mm512_load_si512(offsets);
+    for (int64_t j = count; j < 16; ++j) starts[j] = starts[0];
     active = static_cast<__mmask16>((1u << count) - 1);
     length = L;
     return true;
   }
 
-  // Position i of each row as float; `fill` in the lanes past the group.
-  __m512 operator()(int64_t i, __m512 fill) const {
-    const __m512i index = _mm512_add_epi32(first_index, _mm512_set1_epi32(static_cast<int>(i)));
-    if constexpr (!kHalfType) {
-      return _mm512_mask_i32gather_ps(fill, active, index, base, 4);
-    } else {
-      // A 16-bit element is one half of the 32-bit word gathered at its own address (low
-      // half), or, for the row's last position, at the previous element's (high half), so
-      // no word reaches past the row.
-      const bool last = i == length - 1;
-      const __m512i at = last ? _mm512_sub_epi32(index, _mm512_set1_epi32(1)) : index;
-      __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), active, at, base, 2);
-      word = last ? _mm512_srli_epi32(word, 16) : _mm512_and_si512(word, _mm512_set1_epi32(0xFFFF));
-      __m512 v;
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        v = _mm512_castsi512_ps(_mm512_slli_epi32(word, 16));
-      } else {
-        v = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(word));
+  // take(i, v) for i = 0 .. L-1 in order, v = position i of each row as float, `fill` in
+  // the lanes past the group. A tile of 1 or 2 positions (49 = 3 x 16 + 1) is read a
+  // position at a time instead: 16 scalar loads cost less than a tile's 16 loads and 64
+  // shuffles.
+  template <typename Take>
+  void for_each_position(__m512 fill, Take&& take) const {
+    for (int64_t i0 = 0; i0 < length; i0 += 16) {
+      const int64_t width = std::min<int64_t>(16, length - i0);
+      if (width <= 2) {
+        for (int64_t i = i0; i < length; ++i) take(i, _mm512_mask_blend_ps(active, fill, column(i)));
+        break;
       }
-      return _mm512_mask_blend_ps(active, fill, v);
+      const __mmask16 positions = static_cast<__mmask16>((1u << width) - 1);
+      __m512 tile[16];
+      for (int j = 0; j < 16; ++j) tile[j] = load16(starts[j] + i0, positions);
+      transpose16x16(tile);
+      for (int64_t i = 0; i < width; ++i) take(i0 + i, _mm512_mask_blend_ps(active, fill, tile[i]));
     }
   }
 
-  // Where the next group's rows start when rows are contiguous: fetched while this group
-  // computes from cache, one 64-byte line per call (i = 0, 1, ...).
+  // Position i of each row, one scalar load per row.
+  __m512 column(int64_t i) const {
+    alignas(64) float values[16];
+    for (int j = 0; j < 16; ++j) values[j] = static_cast<float>(starts[j][i]);
+    return _mm512_load_ps(values);
+  }
+
+  // What follows the group's last row (the next group's rows when rows are contiguous):
+  // fetched while this group computes from cache, one 64-byte line per call (i = 0, 1, ...).
   void prefetch_next(int64_t count, int64_t i) const {
-    const int64_t bytes = count * length * static_cast<int64_t>(sizeof(scalar_t)) + i * 64;
-    __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) + bytes));
+    const uintptr_t end = reinterpret_cast<uintptr_t>(starts[count - 1] + length);
+    __builtin_prefetch(reinterpret_cast<const void*>(end + i * 64));
   }
 };
 
@@ -157,6 +198,38 @@ inline void softmax_step(__m512 shift, __m512& sum, __m512& shifted) {
   const __m512 e = exp2_nonpositive(_mm512_mul_ps(shift, _mm512_set1_ps(kLog2e)), representable);
   sum = _mm512_add_ps(sum, e);
   shifted = _mm512_mask3_fmadd_ps(shift, e, shifted, representable);
+}
+
+// The softmax state's exp pass over a group of short rows (`rows`, `count` of them) kept
+// transposed (position i of every row at transposed + 16 i), given each row's max:
+// sum = sum of exp(x - max), shifted = sum of (x - max) exp(x - max), per lane. A row of
+// only masked positions shifts by 0 (no -inf - -inf), so its sum stays 0. Fetches what
+// follows the group while it computes from cache (one line per position covers 16 rows of
+// <= 64 float positions).
+template <typename scalar_t>
+inline void softmax_group_sums(const float* transposed, __m512 row_max,
+                               const ShortRowTiles<scalar_t>& rows, int64_t count, __m512& sum,
+                               __m512& shifted) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 shift_by = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(row_max, neg_inf, _CMP_EQ_OQ),
+                                               row_max, _mm512_setzero_ps());
+  // Two accumulator pairs (even and odd positions), so that the adds are not latency
+  // bound; named, not an array indexed by i & 1, which would keep them in memory.
+  __m512 s0 = _mm512_setzero_ps(), t0 = s0, s1 = s0, t1 = s0;
+  const int64_t L = rows.length;
+  int64_t i = 0;
+  for (; i + 2 <= L; i += 2) {
+    rows.prefetch_next(count, i);
+    rows.prefetch_next(count, i + 1);
+    softmax_step(_mm512_sub_ps(_mm512_load_ps(transposed + i * 16), shift_by), s0, t0);
+    softmax_step(_mm512_sub_ps(_mm512_load_ps(transposed + (i + 1) * 16), shift_by), s1, t1);
+  }
+  if (i < L) {
+    rows.prefetch_next(count, i);
+    softmax_step(_mm512_sub_ps(_mm512_load_ps(transposed + i * 16), shift_by), s0, t0);
+  }
+  sum = _mm512_add_ps(s0, s1);
+  shifted = _mm512_add_ps(t0, t1);
 }
 
 // One position of the L1 measure's state (l1_state.h) for 16 rows: S += a, T += a log2 a

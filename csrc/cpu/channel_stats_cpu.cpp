@@ -276,9 +276,9 @@ void store_rows(const ForwardParams& p, int64_t first, int64_t count,
 }
 
 // Short rows (7x7 = 49 positions): one row per lane, `count` <= 16 rows at once, each
-// position gathered across the rows. No horizontal reduction and no partial vector per
-// row, which is what a row-at-a-time loop spends most of its time on at this length.
-// Returns false where it does not apply (the caller then goes row by row).
+// position read across the rows (ShortRowTiles). No horizontal reduction and no partial
+// vector per row, which is what a row-at-a-time loop spends most of its time on at this
+// length. Returns false where it does not apply (the caller then goes row by row).
 template <typename scalar_t>
 bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
                       acc_type<scalar_t>* row_max, acc_type<scalar_t>* sum,
@@ -287,35 +287,21 @@ bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
   if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
     return false;
   } else {
-    ShortRowGather<scalar_t> gather;
-    if (!gather.init(p, first, count)) return false;
-    const int64_t L = p.positions;
+    ShortRowTiles<scalar_t> rows;
+    if (!rows.init(p, first, count)) return false;
     const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    // One gather per position, kept transposed (position-major) for the exp pass.
+    // Each position read once, kept transposed (position-major) for the exp pass.
     alignas(64) float transposed[kShortRow * 16];
-    Vectorized<float> vmax(neg_inf);
-    for (int64_t i = 0; i < L; ++i) {
-      const Vectorized<float> v = gather(i, neg_inf);
-      v.store(transposed + i * 16);
-      vmax = at::vec::maximum(vmax, v);
-    }
-    // Rows of only masked positions shift by 0 (no -inf - -inf); their sum stays 0.
-    const Vectorized<float> shift_by =
-        Vectorized<float>::blendv(vmax, Vectorized<float>(0), vmax == Vectorized<float>(neg_inf));
-    // Two accumulator pairs (even and odd positions), so that the adds are not latency
-    // bound.
-    Vectorized<float> s[2] = {Vectorized<float>(0), Vectorized<float>(0)};
-    Vectorized<float> t[2] = {Vectorized<float>(0), Vectorized<float>(0)};
-    // As in contiguous_chunk_state: fetch the next group's rows (they follow these when
-    // rows are contiguous) while this pass computes from cache; one line per position
-    // covers 16 rows of <= 64 float positions.
-    for (int64_t i = 0; i < L; ++i) {
-      gather.prefetch_next(count, i);
-      accumulate(Vectorized<float>::loadu(transposed + i * 16) - shift_by, s[i & 1], t[i & 1]);
-    }
-    vmax.store(row_max, count);
-    (s[0] + s[1]).store(sum, count);
-    (t[0] + t[1]).store(shifted, count);
+    __m512 vmax = neg_inf;
+    rows.for_each_position(neg_inf, [&](int64_t i, __m512 v) {
+      _mm512_store_ps(transposed + i * 16, v);
+      vmax = max_skipping_nan<float>(v, vmax);  // a NaN reaches the sums through the exp pass
+    });
+    __m512 s, t;
+    softmax_group_sums(transposed, vmax, rows, count, s, t);
+    Vectorized<float>(vmax).store(row_max, count);
+    Vectorized<float>(s).store(sum, count);
+    Vectorized<float>(t).store(shifted, count);
     return true;
   }
 #else
@@ -470,24 +456,59 @@ void row_coefficients(const BackwardParams& p, int64_t first, int64_t count, int
   }
 }
 
-// grad_element() of entropy_state.h, one vector of x at a time.
+// grad_element() of entropy_state.h, one vector of x at a time, from per-lane row terms
+// prepared once per row (or group of rows):
+//   grad = (coef d - coef mean_shift) exp(d - log_sum),  d = clamp_shift(x - max).
+// On AVX-512, log_sum is kept in base 2 (times log2 e) for exp2_nonpositive, so that the
+// exponent is one FMA; fewer operations per element is what the backward of bfloat16 and
+// of short rows, which are not memory bound, is made of.
 template <typename acc_t>
-inline Vectorized<acc_t> grad_elements(const Vectorized<acc_t>& x, const Vectorized<acc_t>& row_max,
-                                       const Vectorized<acc_t>& log_sum,
-                                       const Vectorized<acc_t>& mean_shift,
-                                       const Vectorized<acc_t>& coef) {
-  const Vectorized<acc_t> d = clamp_shift(x - row_max);
-  return coef * exp_nonpositive(d - log_sum) * (d - mean_shift);
-}
+struct GradTerms {
+  using Vec = Vectorized<acc_t>;
+  Vec row_max, log_sum, coef, coef_mean_shift;
+
+  static GradTerms of(const Vec& row_max, const Vec& log_sum, const Vec& mean_shift,
+                      const Vec& coef) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return {row_max, log_sum * Vec(kLog2e), coef, coef * mean_shift};
+    }
+#endif
+    return {row_max, log_sum, coef, coef * mean_shift};
+  }
+
+#if defined(CPU_CAPABILITY_AVX512)
+  // The terms of the rows in `rows` (lane j: the row whose index is lane j of `rows`).
+  GradTerms permuted(__m512i rows) const {
+    static_assert(std::is_same_v<acc_t, float>);
+    return {_mm512_permutexvar_ps(rows, row_max), _mm512_permutexvar_ps(rows, log_sum),
+            _mm512_permutexvar_ps(rows, coef), _mm512_permutexvar_ps(rows, coef_mean_shift)};
+  }
+#endif
+
+  Vec operator()(const Vec& x) const {
+    const Vec d = clamp_shift(x - row_max);
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      __mmask16 representable;
+      const __m512 e = exp2_nonpositive(_mm512_fmsub_ps(d, _mm512_set1_ps(kLog2e), log_sum),
+                                        representable);
+      return _mm512_mul_ps(_mm512_fmsub_ps(coef, d, coef_mean_shift), e);
+    }
+#endif
+    return at::vec::fmsub(coef, d, coef_mean_shift) * exp_nonpositive(d - log_sum);
+  }
+};
 
 // Short rows (L <= kShortRow) whose `count` <= kCoefGroup rows from `first` are one run of
 // consecutive elements in both x and grad_x (contiguous rows): the run is walked as full
-// vectors whose lanes may belong to different rows, each lane taking its row's statistics
-// from the group's vectors by a permute. A row-at-a-time loop would spend a partial vector
-// and the per-row setup on every 49-position row. Returns false where it does not apply.
+// vectors whose lanes may belong to different rows, each lane taking its row's terms from
+// the group's vectors by a permute. A row-at-a-time loop would spend a partial vector and
+// the per-row setup on every 49-position row. `lane_rows[e]` = e / L, the row of element e
+// of the run (at least 16 L + 32 entries). Returns false where it does not apply.
 template <typename scalar_t>
 bool backward_short_group(const BackwardParams& p, int64_t first, int64_t count,
-                          const acc_type<scalar_t>* coef) {
+                          const acc_type<scalar_t>* coef, const int32_t* lane_rows) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
     return false;
@@ -501,30 +522,20 @@ bool backward_short_group(const BackwardParams& p, int64_t first, int64_t count,
                          (p.batch == 1 || (xs.batch == C * L && gs.batch == C * L));
     if (L > kShortRow || !one_run) return false;
     const float* stats = static_cast<const float*>(p.row_stats);
-    const __m512 row_max = Vec::loadu(stats + first, count);
-    const __m512 log_sum = Vec::loadu(stats + rows + first, count);
-    const __m512 mean_shift = Vec::loadu(stats + 2 * rows + first, count);
-    const __m512 coefs = Vec::loadu(coef, count);
+    const auto terms = GradTerms<float>::of(
+        Vec::loadu(stats + first, count), Vec::loadu(stats + rows + first, count),
+        Vec::loadu(stats + 2 * rows + first, count), Vec::loadu(coef, count));
     const int64_t n = first / C, c = first % C;
     const scalar_t* x = static_cast<const scalar_t*>(p.x) + n * xs.batch + c * L;
     scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x) + n * gs.batch + c * L;
-    // Row of a lane = floor((position in the run + 1/2) / L), exact in float for runs of
-    // at most 16 * 64 positions.
-    const __m512 lane = _mm512_add_ps(
-        _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_ps(0.5f));
-    const __m512 inv_length = _mm512_set1_ps(1.0f / static_cast<float>(L));
     const int64_t total = count * L;
     Vec v[P::kVecs];
     for (int64_t i = 0; i < total; i += W) {
       const int64_t lanes = std::min(W, total - i);
       P::load(x + i, lanes, v);
       for (int k = 0; k < P::kVecs; ++k) {
-        const __m512 position = _mm512_add_ps(lane, _mm512_set1_ps(static_cast<float>(i + k * 16)));
-        const __m512i row = _mm512_cvttps_epi32(_mm512_mul_ps(position, inv_length));
-        v[k] = grad_elements(v[k], Vec(_mm512_permutexvar_ps(row, row_max)),
-                             Vec(_mm512_permutexvar_ps(row, log_sum)),
-                             Vec(_mm512_permutexvar_ps(row, mean_shift)),
-                             Vec(_mm512_permutexvar_ps(row, coefs)));
+        const __m512i row = _mm512_load_si512(lane_rows + i + k * 16);
+        v[k] = terms.permuted(row)(v[k]);
       }
       P::store(grad_x + i, lanes, v);
     }
@@ -553,24 +564,27 @@ void backward_rows(const BackwardParams& p) {
 
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     acc_t coef[kCoefGroup];
+    // The row of each element of a run of short rows (backward_short_group).
+    alignas(64) int32_t lane_rows[kShortRow * kCoefGroup + 32];
+    if (L <= kShortRow) {
+      for (int64_t e = 0; e < kShortRow * kCoefGroup + 32; ++e) lane_rows[e] = int32_t(e / L);
+    }
     for (int64_t group = begin; group < end; ++group) {
       const int64_t first = group * group_size, count = std::min(group_size, rows - first);
       int64_t n = first / C, c = first % C;  // advanced with the row: no division per row
       row_coefficients<scalar_t>(p, first, count, n, c, coef);
-      if (backward_short_group<scalar_t>(p, first, count, coef)) continue;
+      if (backward_short_group<scalar_t>(p, first, count, coef, lane_rows)) continue;
       for (int64_t j = 0; j < count; ++j, c = c + 1 == C ? (++n, 0) : c + 1) {
         const int64_t row = first + j;
-        const Vec row_max(stats[row]), log_sum(stats[rows + row]),
-            mean_shift(stats[2 * rows + row]), coef_row(coef[j]);
+        const auto terms = GradTerms<acc_t>::of(Vec(stats[row]), Vec(stats[rows + row]),
+                                                Vec(stats[2 * rows + row]), Vec(coef[j]));
         const scalar_t* xr = x + n * xs.batch + c * xs.channel;
         scalar_t* gr = grad_x + n * gs.batch + c * gs.channel;
         Vec v[P::kVecs];
         for (int64_t i = 0; i < L; i += W) {
           const int64_t count_i = std::min(W, L - i);
           P::load(xr + i, count_i, v);
-          for (int k = 0; k < P::kVecs; ++k) {
-            v[k] = grad_elements(v[k], row_max, log_sum, mean_shift, coef_row);
-          }
+          for (int k = 0; k < P::kVecs; ++k) v[k] = terms(v[k]);
           P::store(gr + i, count_i, v);
         }
       }
@@ -607,12 +621,11 @@ void backward_channels_last(const BackwardParams& p) {
         row_coefficients<scalar_t>(p, n * C + c0 + j, std::min(kCoefGroup, lanes - j), n, c0 + j,
                                    lane_stats[3] + j);
       }
-      Vec row_max[P::kVecs], log_sum[P::kVecs], mean_shift[P::kVecs], coef[P::kVecs];
+      GradTerms<acc_t> terms[P::kVecs];
       for (int k = 0; k < P::kVecs; ++k) {
-        row_max[k] = Vec::loadu(lane_stats[0] + k * P::kLanes);
-        log_sum[k] = Vec::loadu(lane_stats[1] + k * P::kLanes);
-        mean_shift[k] = Vec::loadu(lane_stats[2] + k * P::kLanes);
-        coef[k] = Vec::loadu(lane_stats[3] + k * P::kLanes);
+        terms[k] = GradTerms<acc_t>::of(
+            Vec::loadu(lane_stats[0] + k * P::kLanes), Vec::loadu(lane_stats[1] + k * P::kLanes),
+            Vec::loadu(lane_stats[2] + k * P::kLanes), Vec::loadu(lane_stats[3] + k * P::kLanes));
       }
       const scalar_t* xb = x + n * p.x_strides.batch + c0;
       scalar_t* gb = grad_x + n * p.grad_x_strides.batch + c0;
@@ -620,9 +633,7 @@ void backward_channels_last(const BackwardParams& p) {
       Vec v[P::kVecs];
       for (int64_t i = 0; i < L; ++i) {
         P::load(xb + i * x_step, lanes, v);
-        for (int k = 0; k < P::kVecs; ++k) {
-          v[k] = grad_elements(v[k], row_max[k], log_sum[k], mean_shift[k], coef[k]);
-        }
+        for (int k = 0; k < P::kVecs; ++k) v[k] = terms[k](v[k]);
         P::store(gb + i * grad_step, lanes, v);
       }
     }

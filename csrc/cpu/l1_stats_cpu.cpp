@@ -5,8 +5,8 @@
 // (S, T, sum of x, count of live positions), one log per element (a polynomial log2 on
 // AVX-512, the cost that matters) and no exp or max; rows are then finished 16 (8 for
 // double) at a time with vector log and exp. kRows walks each row with unit stride and
-// reduces the lanes at its end, except short rows (<= 64 positions), which are gathered one
-// row per lane; kChannelsLast puts consecutive channels of one sample side by side in a
+// reduces the lanes at its end, except short rows (<= 64 positions), which are read one
+// row per lane (16 x 16 tiles transposed in registers); kChannelsLast puts consecutive channels of one sample side by side in a
 // vector (one lane per row) and walks the positions, so no horizontal reduction is needed.
 // Each row is always folded in the same order, whatever the thread count: same bits.
 //
@@ -181,7 +181,7 @@ void store_rows(const L1ForwardParams& p, int64_t first, int64_t count,
 
 // Rows of at most this many positions take short_rows_sums below.
 // Short rows (7x7 = 49 positions): one row per lane, the `count` <= 16 rows of a group at
-// once, each position gathered across the rows (as channel_stats_cpu.cpp does): no
+// once, each position read across the rows (ShortRowTiles, as channel_stats_cpu.cpp): no
 // horizontal reduction and no partial vector per row, which is what a row-at-a-time loop
 // spends most of its time on at this length. Returns false where it does not apply.
 template <typename scalar_t>
@@ -191,12 +191,11 @@ bool short_rows_sums(const L1ForwardParams& p, int64_t first, int64_t count,
   if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
     return false;
   } else {
-    ShortRowGather<scalar_t> gather;
-    if (!gather.init(p, first, count)) return false;
+    ShortRowTiles<scalar_t> rows;
+    if (!rows.init(p, first, count)) return false;
     VecL1State<float> state;
-    for (int64_t i = 0; i < p.positions; ++i) {
-      state.add(gather(i, _mm512_setzero_ps()));  // lanes past the group: 0, not live
-    }
+    // Lanes past the group: 0, not live.
+    rows.for_each_position(_mm512_setzero_ps(), [&](int64_t, __m512 v) { state.add(v); });
     state.sum.store(sums.sum);
     state.xlogx_nats().store(sums.xlogx);
     state.total.store(sums.total);

@@ -116,101 +116,34 @@ void reduce(const MonitorSumsParams& p) {
 // the sums do not depend on the thread count.
 constexpr int64_t kGroupsPerBlock = 16;
 
-// 16 consecutive elements of scalar_t as float.
-template <typename scalar_t>
-inline __m512 load16(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return _mm512_loadu_ps(p);
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-  } else {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-}
-
-// In place: r[j] (row j, 16 positions) becomes position j of the 16 rows (row i in lane i).
-inline void transpose16x16(__m512 (&r)[16]) {
-  __m512 t[16];
-  for (int j = 0; j < 16; j += 2) {  // lane k of t[j]: r[j], r[j+1] at 4k and 4k+1; t[j+1]: +2
-    t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
-    t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
-  }
-  __m512 u[16];  // u[4g + m]: rows 4g..4g+3 at positions 4k + m, k = 0..3
-  for (int g = 0; g < 4; ++g) {
-    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
-    const __m512d c = _mm512_castps_pd(t[4 * g + 1]), d = _mm512_castps_pd(t[4 * g + 3]);
-    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
-    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
-  }
-  for (int m = 0; m < 4; ++m) {
-    // v: rows 0-7 (lo) and 8-15 (hi) at positions m, 8 + m (0x88) and 4 + m, 12 + m (0xdd)
-    const __m512 lo_a = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88);
-    const __m512 lo_b = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xdd);
-    const __m512 hi_a = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
-    const __m512 hi_b = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xdd);
-    r[m] = _mm512_shuffle_f32x4(lo_a, hi_a, 0x88);
-    r[8 + m] = _mm512_shuffle_f32x4(lo_a, hi_a, 0xdd);
-    r[4 + m] = _mm512_shuffle_f32x4(lo_b, hi_b, 0x88);
-    r[12 + m] = _mm512_shuffle_f32x4(lo_b, hi_b, 0xdd);
-  }
-}
-
-// One group of `count` <= 16 short rows, one row per lane, each position read once: the
+// One group of short rows (ShortRowTiles), one row per lane, each position read once: the
 // softmax state's max pass and the L1 sums take the same vector, the softmax exp pass
-// reads it back from a transposed copy in cache. Positions come from the gather, or, when
-// the group is 16 rows of a multiple of 16 positions one after another in memory
-// (`contiguous`, else null), from plain loads transposed 16 x 16 in registers. Adds the
-// group's rows into acc.
+// reads it back from a transposed copy in cache. Adds the group's rows into acc.
 template <typename scalar_t>
-void fused_group(const ShortRowGather<scalar_t>* gather, const scalar_t* contiguous, int64_t L,
-                 int64_t count, __m512 (&acc)[kSummed]) {
-  const __mmask16 active = contiguous != nullptr ? __mmask16(0xFFFF) : gather->active;
+void fused_group(const ShortRowTiles<scalar_t>& rows, int64_t count, __m512 (&acc)[kSummed]) {
+  const int64_t L = rows.length;
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   alignas(64) float transposed[kShortRow * 16];
   __m512 vmax = neg_inf;
   __m512 l1_sum = _mm512_setzero_ps(), xlog2x = l1_sum, total = l1_sum, live = l1_sum;
-  auto take = [&](int64_t i, __m512 v) {
+  rows.for_each_position(neg_inf, [&](int64_t i, __m512 v) {  // past the group: -inf
     _mm512_store_ps(transposed + i * 16, v);
     // max_ps skips NaN; a NaN still reaches the row's sums through the exp pass (an
     // all-masked row shifts by 0, so even a row of NaN and -inf gives NaN).
     vmax = _mm512_max_ps(v, vmax);
     l1_step(v, l1_sum, xlog2x, total, live);
-  };
-  if (contiguous != nullptr) {
-    for (int64_t i0 = 0; i0 < L; i0 += 16) {
-      __m512 tile[16];
-      for (int j = 0; j < 16; ++j) tile[j] = load16(contiguous + j * L + i0);
-      transpose16x16(tile);
-      for (int i = 0; i < 16; ++i) take(i0 + i, tile[i]);
-    }
-  } else {
-    for (int64_t i = 0; i < L; ++i) take(i, (*gather)(i, neg_inf));  // past the group: -inf
-  }
-  // Rows of only masked positions shift by 0 (no -inf - -inf); their sum stays 0.
-  const __m512 shift_by =
-      _mm512_mask_blend_ps(_mm512_cmp_ps_mask(vmax, neg_inf, _CMP_EQ_OQ), vmax, _mm512_setzero_ps());
-  __m512 sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-  __m512 shifted[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int64_t i = 0; i < L; ++i) {
-    if (contiguous == nullptr) {
-      gather->prefetch_next(count, i);
-    } else {  // the next group follows: one line of it per position (<= 64 of 64 bytes)
-      const uintptr_t next = reinterpret_cast<uintptr_t>(contiguous + 16 * L) + i * 64;
-      __builtin_prefetch(reinterpret_cast<const void*>(next));
-    }
-    softmax_step(_mm512_sub_ps(_mm512_load_ps(transposed + i * 16), shift_by), sum[i & 1],
-                 shifted[i & 1]);
-  }
+  });
+  __m512 sum, shifted;
+  softmax_group_sums(transposed, vmax, rows, count, sum, shifted);
   using Vec = Vectorized<float>;
-  const Vec s = _mm512_add_ps(sum[0], sum[1]), t = _mm512_add_ps(shifted[0], shifted[1]);
+  const Vec s(sum), t(shifted);
   const Vec l1_s(l1_sum);
   Vec values[kSummed];
   row_columns<float>(s.log() - t / s, l1_s, Vec(_mm512_mul_ps(xlog2x, _mm512_set1_ps(kLn2))) / l1_s,
                      Vec(static_cast<float>(L)) - Vec(live), Vec(total), L, values);
-  for (int c = 0; c < kSummed; ++c) acc[c] = _mm512_mask_add_ps(acc[c], active, acc[c], values[c]);
+  for (int c = 0; c < kSummed; ++c) {
+    acc[c] = _mm512_mask_add_ps(acc[c], rows.active, acc[c], values[c]);
+  }
 }
 
 template <typename scalar_t>
@@ -220,22 +153,6 @@ bool fused(const ForwardParams& x, const MonitorSumsParams& p) {
   } else {
     if (x.layout != RowLayout::kRows || x.positions > kShortRow) return false;
     const int64_t rows = x.batch * x.channels, groups = (rows + 15) / 16;
-    // Rows one after another in memory and L a multiple of 16: full groups are read with
-    // plain loads (a 16 x 16 tile at a time), the others with the gather.
-    const RowStrides& xs = x.x_strides;
-    const bool tiles = x.positions % 16 == 0 && xs.channel == x.positions &&
-                       (x.batch == 1 || xs.batch == x.channels * x.positions);
-    const scalar_t* data = static_cast<const scalar_t*>(x.x);
-    auto tiled = [&](int64_t group) { return tiles && rows - group * 16 >= 16; };
-    // Every gathered group's gather must apply (16-bit rows of two positions or more,
-    // offsets within 32 bits), decided before any work: a few integer operations per
-    // group, next to the group's hundreds of elements.
-    for (int64_t group = 0; group < groups; ++group) {
-      ShortRowGather<scalar_t> gather;
-      if (!tiled(group) && !gather.init(x, group * 16, std::min<int64_t>(16, rows - group * 16))) {
-        return false;
-      }
-    }
     const int64_t blocks = (groups + kGroupsPerBlock - 1) / kGroupsPerBlock;
     std::vector<std::array<double, kSummed>> block_sums(blocks);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -245,13 +162,9 @@ bool fused(const ForwardParams& x, const MonitorSumsParams& p) {
         const int64_t stop = std::min(groups, (block + 1) * kGroupsPerBlock);
         for (int64_t group = block * kGroupsPerBlock; group < stop; ++group) {
           const int64_t first = group * 16, count = std::min<int64_t>(16, rows - first);
-          if (tiled(group)) {
-            fused_group<scalar_t>(nullptr, data + first * x.positions, x.positions, count, acc);
-          } else {
-            ShortRowGather<scalar_t> gather;
-            gather.init(x, first, count);  // true: every such group was checked above
-            fused_group<scalar_t>(&gather, nullptr, x.positions, count, acc);
-          }
+          ShortRowTiles<scalar_t> group_rows;
+          group_rows.init(x, first, count);  // true: x.positions <= kShortRow
+          fused_group<scalar_t>(group_rows, count, acc);
         }
         double total[kSummed] = {};
         Vectorized<float> vecs[kSummed];
