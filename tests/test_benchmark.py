@@ -136,3 +136,21 @@ def test_churn_allocates_twice_the_bytes_in_many_sizes(monkeypatch):
     benchmark.churn(2**25)
     assert sum(sizes) >= 2 * 2**25 and sum(sizes[:-1]) < 2 * 2**25
     assert set(sizes) == {2**12, 2**16, 2**20, 2**24, 2**25}
+
+
+def test_interleaved_timing_rotates_the_order_and_keeps_each_series_apart(monkeypatch):
+    clock = {"now": 0.0}
+    calls = []
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock["now"])
+
+    def make(name, ms):
+        def fn(x):
+            calls.append(name)
+            clock["now"] += ms / 1e3
+        return fn
+
+    samples = benchmark.time_interleaved({"a": make("a", 1), "b": make("b", 2), "c": make("c", 3)},
+                                         None, repeats=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert samples == {"a": pytest.approx([1.0] * 3), "b": pytest.approx([2.0] * 3),
+                       "c": pytest.approx([3.0] * 3)}

@@ -12,10 +12,14 @@ so no call finds its input in L2 and no launch gap is timed; its replays are tim
 events. Should a capture fail, the same calls are timed launched back to back instead,
 and the table's ``timing`` column says so.
 
-On the CPU each call is timed on its own, as a user sees it: every (case, mode,
-implementation) runs in a fresh process, its median and 90th percentile are reported, and
-so is the 90th percentile when other allocations come between the calls (:func:`churn`),
-which is when fresh memory costs page faults (see csrc/cpu/recycled_buffers.h).
+On the CPU each call is timed on its own, as a user sees it: every (case, mode) runs in a
+fresh process, in which ours, torch.compile and the copy are timed in turn, one call each
+per round (:func:`time_interleaved`), so that all three see the same machine state: on a
+shared VM the speed drifts by tens of percent over minutes, which made ratios of series
+taken minutes apart unreliable. Medians and 90th percentiles are reported, and so is the
+90th percentile when other allocations come between the calls (:func:`churn`), which is
+when fresh memory costs page faults (see csrc/cpu/recycled_buffers.h). Eager PyTorch, 10-100
+times slower, is timed after them in the same process.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import platform
 import statistics
 import subprocess
 import sys
@@ -72,26 +77,33 @@ def implementations(normalize: str = "softmax") -> dict[str, Callable]:
     }
 
 
-def time_samples(fn: Callable, x: torch.Tensor, repeats: int, warmup: int = 3,
-                 between: Callable[[], object] | None = None) -> list[float]:
-    """Wall time of each of ``repeats`` calls ``fn(x)`` in milliseconds (CPU), after
-    ``warmup`` untimed calls (torch.compile compiles in its first); ``between`` runs untimed
-    before each timed call."""
+def time_interleaved(fns: dict[str, Callable], x: torch.Tensor, repeats: int, warmup: int = 3,
+                     between: Callable[[], object] | None = None) -> dict[str, list[float]]:
+    """Wall time in milliseconds (CPU) of ``repeats`` calls ``fn(x)`` of every fn, taken in
+    rounds of one call each, the order rotated by one every round: all see the same machine
+    state and none always runs right after the same other one. ``warmup`` untimed rounds
+    come first (torch.compile compiles in its first); ``between`` runs untimed before each
+    timed call."""
+    names = list(fns)
     for _ in range(warmup):
-        fn(x)
-    samples = []
-    for _ in range(repeats):
-        if between is not None:
-            between()
-        begin = time.perf_counter()
-        fn(x)
-        samples.append((time.perf_counter() - begin) * 1e3)
+        for name in names:
+            fns[name](x)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for k in range(len(names)):
+            name = names[(round_ + k) % len(names)]
+            if between is not None:
+                between()
+            begin = time.perf_counter()
+            fns[name](x)
+            samples[name].append((time.perf_counter() - begin) * 1e3)
     return samples
 
 
-def time_ms(fn: Callable, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:
-    """Median wall time of ``fn(x)`` in milliseconds, each call timed on its own (CPU)."""
-    return statistics.median(time_samples(fn, x, repeats, warmup))
+def time_samples(fn: Callable, x: torch.Tensor, repeats: int, warmup: int = 3,
+                 between: Callable[[], object] | None = None) -> list[float]:
+    """:func:`time_interleaved` of one function."""
+    return time_interleaved({"fn": fn}, x, repeats, warmup, between)["fn"]
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -199,51 +211,48 @@ class Case:
     normalize: str = "softmax"
 
 
-def timed_inputs(x: torch.Tensor) -> list[torch.Tensor]:
-    """The inputs one timing cycles through: a :func:`rotation` of x on CUDA, x on the CPU."""
-    return rotation(x) if x.is_cuda else [x]
-
-
 def time_per_call(fn: Callable, inputs: list[torch.Tensor], repeats: int) -> tuple[float, str]:
     """(ms per call of fn on one input, how it was timed): :func:`time_cuda_ms` over every
-    input on CUDA, :func:`time_ms` on the CPU."""
-    if inputs[0].is_cuda:
-        return time_cuda_ms([functools.partial(fn, t) for t in inputs], repeats)
-    return time_ms(fn, inputs[0], repeats), "per call"
+    input of a :func:`rotation`."""
+    return time_cuda_ms([functools.partial(fn, t) for t in inputs], repeats)
 
 
 MODES = {"forward": 1, "forward+backward": 3}  # mode: bytes moved, in units of |x|
 
 
-def cpu_series(case: Case, mode: str, impl_name: str, repeats: int) -> dict[str, float]:
-    """One CPU timing series, in this process: median and p90 of ``repeats`` calls, then p90
-    with :func:`churn` before each call. Meant to run in a fresh process (:func:`run_case`)."""
+def cpu_series(case: Case, mode: str, repeats: int) -> dict[str, dict[str, float]]:
+    """The CPU timings of one (case, mode), in this process: median and p90 of ``repeats``
+    calls of ours, torch.compile and the copy, interleaved; p90 of ours and compile again
+    with :func:`churn` before each call; then the median of eager. Meant to run in a fresh
+    process (:func:`fresh_process_series`)."""
     x = make_input(case.shape, DTYPES[case.dtype], "cpu")
-    if impl_name == "copy":
-        dst = torch.empty_like(x)
-        samples = time_samples(lambda t: dst.copy_(t), x, repeats)
-        return {"median": statistics.median(samples)}
-    impl = implementations(case.normalize)[impl_name]
+    impls = implementations(case.normalize)
     xr = x.detach().requires_grad_(mode != "forward")
-    fn = impl if mode == "forward" else forward_backward_fn(impl, xr)
+    dst = torch.empty_like(x)
+    fns = {name: impls[name] if mode == "forward" else forward_backward_fn(impls[name], xr)
+           for name in ("ours", "compile", "eager")}
     with torch.no_grad() if mode == "forward" else torch.enable_grad():
-        samples = time_samples(fn, xr, repeats)
-        churned = time_samples(fn, xr, repeats, warmup=0, between=lambda: churn(x.nbytes))
-    return {"median": statistics.median(samples), "p90": percentile(samples, 90),
-            "churn p90": percentile(churned, 90)}
+        samples = time_interleaved({"ours": fns["ours"], "compile": fns["compile"],
+                                    "copy": lambda _: dst.copy_(x)}, xr, repeats)
+        churned = time_interleaved({"ours": fns["ours"], "compile": fns["compile"]}, xr,
+                                   repeats, warmup=0, between=lambda: churn(x.nbytes))
+        samples["eager"] = time_samples(fns["eager"], xr, repeats)
+    return {name: {"median": statistics.median(series), "p90": percentile(series, 90),
+                   **({"churn p90": percentile(churned[name], 90)} if name in churned else {})}
+            for name, series in samples.items()}
 
 
-def fresh_process_series(case: Case, mode: str, impl_name: str, repeats: int) -> dict:
+def fresh_process_series(case: Case, mode: str, repeats: int) -> dict:
     """:func:`cpu_series` in a new Python process."""
     code = ("import json, sys\n"
             "from sparsity_ext.app import benchmark as b\n"
-            "case, mode, impl, repeats = json.loads(sys.argv[1])\n"
-            "print(json.dumps(b.cpu_series(b.Case(**case), mode, impl, repeats)))\n")
+            "case, mode, repeats = json.loads(sys.argv[1])\n"
+            "print(json.dumps(b.cpu_series(b.Case(**case), mode, repeats)))\n")
     argument = json.dumps([{"device": case.device, "shape": list(case.shape), "dtype": case.dtype,
-                            "normalize": case.normalize}, mode, impl_name, repeats])
+                            "normalize": case.normalize}, mode, repeats])
     child = subprocess.run([sys.executable, "-c", code, argument], capture_output=True, text=True)
     if child.returncode != 0:
-        raise RuntimeError(f"benchmark child failed on {case} {mode} {impl_name}:\n{child.stderr}")
+        raise RuntimeError(f"benchmark child failed on {case} {mode}:\n{child.stderr}")
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
@@ -252,7 +261,7 @@ def run_case(case: Case, repeats: int) -> list[dict]:
     check_correct(x, case.normalize)
     if not x.is_cuda:
         return cpu_rows(case, x, repeats)
-    inputs = timed_inputs(x)
+    inputs = rotation(x)
     destinations = {id(t): torch.empty_like(t) for t in inputs}  # preallocated, one each
     copy_ms, _ = time_per_call(lambda t: destinations[id(t)].copy_(t), inputs, repeats)
     del inputs, destinations
@@ -261,7 +270,7 @@ def run_case(case: Case, repeats: int) -> list[dict]:
     rows = []
     for mode, units in MODES.items():
         xr = x.detach().requires_grad_(mode != "forward")
-        inputs = timed_inputs(xr)
+        inputs = rotation(xr)
         times, hows, peak = {}, set(), None
         for name, impl in impls.items():
             fn = impl if mode == "forward" else forward_backward_fn(impl, xr)
@@ -278,19 +287,16 @@ def run_case(case: Case, repeats: int) -> list[dict]:
 
 
 def cpu_rows(case: Case, x: torch.Tensor, repeats: int) -> list[dict]:
-    """The CPU rows of a case, every series from a fresh process."""
-    copy_ms = fresh_process_series(case, "copy", "copy", repeats)["median"]
-    bandwidth = 2 * x.nbytes / (copy_ms * 1e-3)  # bytes per second
+    """The CPU rows of a case, each mode's timings from a fresh process."""
     rows = []
     for mode, units in MODES.items():
-        series = {name: fresh_process_series(case, mode, name, repeats)
-                  for name in ("ours", "eager", "compile")}
-        times = {name: s["median"] for name, s in series.items()}
-        ours = series["ours"]
+        series = fresh_process_series(case, mode, repeats)
+        bandwidth = 2 * x.nbytes / (series["copy"]["median"] * 1e-3)  # bytes per second
+        times = {name: series[name]["median"] for name in ("ours", "eager", "compile")}
+        ours, compiled = series["ours"], series["compile"]
         rows.append(summary_row(case, mode, x, times, units * x.nbytes / bandwidth * 1e3) | {
             "ours p90 ms": ours["p90"], "ours p90 churn ms": ours["churn p90"],
-            "compile p90 ms": series["compile"]["p90"],
-            "compile p90 churn ms": series["compile"]["churn p90"],
+            "compile p90 ms": compiled["p90"], "compile p90 churn ms": compiled["churn p90"],
             "ours p90/median": ours["p90"] / ours["median"]})
     return rows
 
@@ -329,8 +335,21 @@ def machine_line(device: str) -> str:
         return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
                 f"CUDA {torch.version.cuda}; device time per call, each call on its own copy "
                 f"of the input (copies of {CUDA_ROTATION_BYTES // 2**20} MB in all)")
-    return (f"CPU ({torch.get_num_threads()} threads, "
+    return (f"{cpu_model()} ({torch.get_num_threads()} threads, "
             f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), which the figures depend on as much as
+    on the instruction set: the same AVX-512 code runs at different relative speeds on
+    Intel and AMD cores."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
 
 
 def main(device: str | None = None, dtypes: list[str] | None = None, repeats: int = 15,
@@ -349,8 +368,9 @@ def main(device: str | None = None, dtypes: list[str] | None = None, repeats: in
     for dev in devices:
         part = df[df.device == dev].dropna(axis="columns", how="all")
         how = (f"median of {repeats}" if dev == "cuda" else
-               f"median and p90 of {repeats} calls, each series in a fresh process after 3 "
-               f"warm-up calls; 'churn': other allocations (2 |x|) before each call")
+               f"median and p90 of {repeats} calls after 3 warm-up calls, each (case, mode) "
+               f"in a fresh process, ours, torch.compile and the copy timed in turn call by "
+               f"call, eager after them; 'churn': other allocations (2 |x|) before each call")
         report += [f"{machine_line(dev)}; {how}", "", to_markdown(part), ""]
     text = "\n".join(report)
     print(text)
