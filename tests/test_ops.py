@@ -15,6 +15,7 @@ SHAPES = [
     (5, 37, 7, 7),       # many short rows: full and partial groups of 16 across samples
     (3, 19, 5, 7),       # L = 35: two full 16 x 16 tiles and a masked one of 3 positions
     (2, 17, 8, 8),       # L = 64: full tiles only, the longest short row
+    (3, 7, 2, 9),        # L = 18: a tile and a tail of 2 read a position at a time
     (3, 5, 1),           # L = 1
     (1, 1, 2),
     (2, 3, 17),          # 1-D, odd length

@@ -136,6 +136,7 @@ template <typename scalar_t>
 struct ShortRowTiles {
   const scalar_t* starts[16];  // each row's first element; rows past the group repeat row 0
   __mmask16 active = 0;        // the group's lanes
+  int64_t count = 0;           // rows in the group
   int64_t length = 0;
 
   // False where it does not apply: rows longer than kShortRow.
@@ -150,20 +151,23 @@ struct ShortRowTiles {
     }
     for (int64_t j = count; j < 16; ++j) starts[j] = starts[0];
     active = static_cast<__mmask16>((1u << count) - 1);
+    this->count = count;
     length = L;
     return true;
   }
 
   // take(i, v) for i = 0 .. L-1 in order, v = position i of each row as float, `fill` in
   // the lanes past the group. A tile of 1 or 2 positions (49 = 3 x 16 + 1) is read a
-  // position at a time instead: 16 scalar loads cost less than a tile's 16 loads and 64
-  // shuffles.
+  // position at a time instead: 16 or 32 scalar loads cost less than a tile's 16 loads and
+  // 64 shuffles.
   template <typename Take>
   void for_each_position(__m512 fill, Take&& take) const {
     for (int64_t i0 = 0; i0 < length; i0 += 16) {
       const int64_t width = std::min<int64_t>(16, length - i0);
       if (width <= 2) {
-        for (int64_t i = i0; i < length; ++i) take(i, _mm512_mask_blend_ps(active, fill, column(i)));
+        for (int64_t i = i0; i < length; ++i) {
+          take(i, _mm512_mask_blend_ps(active, fill, column(i)));
+        }
         break;
       }
       const __mmask16 positions = static_cast<__mmask16>((1u << width) - 1);
@@ -181,9 +185,25 @@ struct ShortRowTiles {
     return _mm512_load_ps(values);
   }
 
+  // Reads the group once, position i stored at transposed + 16 i (16 floats, aligned) and
+  // folded into the rows' max, which is returned; also(v) sees each position too. Lanes
+  // past the group read -inf. The max skips NaN (max_ps): a NaN still reaches the row's
+  // sums through softmax_group_sums, which shifts an all-masked row by 0, so even a row of
+  // NaN and -inf gives NaN.
+  template <typename Also>
+  __m512 read_transposed(float* transposed, Also&& also) const {
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for_each_position(vmax, [&](int64_t i, __m512 v) {
+      _mm512_store_ps(transposed + i * 16, v);
+      vmax = _mm512_max_ps(v, vmax);
+      also(v);
+    });
+    return vmax;
+  }
+
   // What follows the group's last row (the next group's rows when rows are contiguous):
   // fetched while this group computes from cache, one 64-byte line per call (i = 0, 1, ...).
-  void prefetch_next(int64_t count, int64_t i) const {
+  void prefetch_next(int64_t i) const {
     const uintptr_t end = reinterpret_cast<uintptr_t>(starts[count - 1] + length);
     __builtin_prefetch(reinterpret_cast<const void*>(end + i * 64));
   }
@@ -200,7 +220,7 @@ inline void softmax_step(__m512 shift, __m512& sum, __m512& shifted) {
   shifted = _mm512_mask3_fmadd_ps(shift, e, shifted, representable);
 }
 
-// The softmax state's exp pass over a group of short rows (`rows`, `count` of them) kept
+// The softmax state's exp pass over a group of short rows (`rows`) kept
 // transposed (position i of every row at transposed + 16 i), given each row's max:
 // sum = sum of exp(x - max), shifted = sum of (x - max) exp(x - max), per lane. A row of
 // only masked positions shifts by 0 (no -inf - -inf), so its sum stays 0. Fetches what
@@ -208,7 +228,7 @@ inline void softmax_step(__m512 shift, __m512& sum, __m512& shifted) {
 // <= 64 float positions).
 template <typename scalar_t>
 inline void softmax_group_sums(const float* transposed, __m512 row_max,
-                               const ShortRowTiles<scalar_t>& rows, int64_t count, __m512& sum,
+                               const ShortRowTiles<scalar_t>& rows, __m512& sum,
                                __m512& shifted) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 shift_by = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(row_max, neg_inf, _CMP_EQ_OQ),
@@ -219,13 +239,13 @@ inline void softmax_group_sums(const float* transposed, __m512 row_max,
   const int64_t L = rows.length;
   int64_t i = 0;
   for (; i + 2 <= L; i += 2) {
-    rows.prefetch_next(count, i);
-    rows.prefetch_next(count, i + 1);
+    rows.prefetch_next(i);
+    rows.prefetch_next(i + 1);
     softmax_step(_mm512_sub_ps(_mm512_load_ps(transposed + i * 16), shift_by), s0, t0);
     softmax_step(_mm512_sub_ps(_mm512_load_ps(transposed + (i + 1) * 16), shift_by), s1, t1);
   }
   if (i < L) {
-    rows.prefetch_next(count, i);
+    rows.prefetch_next(i);
     softmax_step(_mm512_sub_ps(_mm512_load_ps(transposed + i * 16), shift_by), s0, t0);
   }
   sum = _mm512_add_ps(s0, s1);

@@ -100,7 +100,8 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
 
 // Running max for the max pass. On AVX-512 a plain max_ps, which skips NaN: a NaN still
 // reaches the result through the exp pass (x - max is NaN there), except in a part with
-// nothing but -inf and NaN, which the caller checks for separately.
+// nothing but -inf and NaN, which the caller must catch (contiguous_chunk_state checks for
+// it; the short rows shift such a row by 0, so its NaN - 0 stays NaN).
 template <typename acc_t>
 inline Vectorized<acc_t> max_skipping_nan(const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -289,16 +290,11 @@ bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
   } else {
     ShortRowTiles<scalar_t> rows;
     if (!rows.init(p, first, count)) return false;
-    const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     // Each position read once, kept transposed (position-major) for the exp pass.
     alignas(64) float transposed[kShortRow * 16];
-    __m512 vmax = neg_inf;
-    rows.for_each_position(neg_inf, [&](int64_t i, __m512 v) {
-      _mm512_store_ps(transposed + i * 16, v);
-      vmax = max_skipping_nan<float>(v, vmax);  // a NaN reaches the sums through the exp pass
-    });
+    const __m512 vmax = rows.read_transposed(transposed, [](__m512) {});
     __m512 s, t;
-    softmax_group_sums(transposed, vmax, rows, count, s, t);
+    softmax_group_sums(transposed, vmax, rows, s, t);
     Vectorized<float>(vmax).store(row_max, count);
     Vectorized<float>(s).store(sum, count);
     Vectorized<float>(t).store(shifted, count);
@@ -458,23 +454,25 @@ void row_coefficients(const BackwardParams& p, int64_t first, int64_t count, int
 
 // grad_element() of entropy_state.h, one vector of x at a time, from per-lane row terms
 // prepared once per row (or group of rows):
-//   grad = (coef d - coef mean_shift) exp(d - log_sum),  d = clamp_shift(x - max).
+//   grad = coef exp(d - log_sum) (d - mean_shift),  d = clamp_shift(x - max).
 // On AVX-512, log_sum is kept in base 2 (times log2 e) for exp2_nonpositive, so that the
-// exponent is one FMA; fewer operations per element is what the backward of bfloat16 and
-// of short rows, which are not memory bound, is made of.
+// exponent is one FMA: the backward of bfloat16 and of short rows is bound by operations
+// per element, not by memory. coef multiplies exp(...) first, as in grad_element(): a
+// masked position (d at the floor, exp 0) then gives 0 for any finite coef, where
+// coef * d first would overflow for |coef| > 2.6e36 and give inf * 0 = NaN.
 template <typename acc_t>
 struct GradTerms {
   using Vec = Vectorized<acc_t>;
-  Vec row_max, log_sum, coef, coef_mean_shift;
+  Vec row_max, log_sum, coef, mean_shift;
 
   static GradTerms of(const Vec& row_max, const Vec& log_sum, const Vec& mean_shift,
                       const Vec& coef) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<acc_t, float>) {
-      return {row_max, log_sum * Vec(kLog2e), coef, coef * mean_shift};
+      return {row_max, log_sum * Vec(kLog2e), coef, mean_shift};
     }
 #endif
-    return {row_max, log_sum, coef, coef * mean_shift};
+    return {row_max, log_sum, coef, mean_shift};
   }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -482,7 +480,7 @@ struct GradTerms {
   GradTerms permuted(__m512i rows) const {
     static_assert(std::is_same_v<acc_t, float>);
     return {_mm512_permutexvar_ps(rows, row_max), _mm512_permutexvar_ps(rows, log_sum),
-            _mm512_permutexvar_ps(rows, coef), _mm512_permutexvar_ps(rows, coef_mean_shift)};
+            _mm512_permutexvar_ps(rows, coef), _mm512_permutexvar_ps(rows, mean_shift)};
   }
 #endif
 
@@ -493,10 +491,10 @@ struct GradTerms {
       __mmask16 representable;
       const __m512 e = exp2_nonpositive(_mm512_fmsub_ps(d, _mm512_set1_ps(kLog2e), log_sum),
                                         representable);
-      return _mm512_mul_ps(_mm512_fmsub_ps(coef, d, coef_mean_shift), e);
+      return _mm512_mul_ps(_mm512_mul_ps(coef, e), _mm512_sub_ps(d, mean_shift));
     }
 #endif
-    return at::vec::fmsub(coef, d, coef_mean_shift) * exp_nonpositive(d - log_sum);
+    return coef * exp_nonpositive(d - log_sum) * (d - mean_shift);
   }
 };
 
@@ -505,7 +503,8 @@ struct GradTerms {
 // vectors whose lanes may belong to different rows, each lane taking its row's terms from
 // the group's vectors by a permute. A row-at-a-time loop would spend a partial vector and
 // the per-row setup on every 49-position row. `lane_rows[e]` = e / L, the row of element e
-// of the run (at least 16 L + 32 entries). Returns false where it does not apply.
+// of the run (16 L + 32 entries: a pack of 32 may start at element 16 L - 1). Returns false
+// where it does not apply.
 template <typename scalar_t>
 bool backward_short_group(const BackwardParams& p, int64_t first, int64_t count,
                           const acc_type<scalar_t>* coef, const int32_t* lane_rows) {
@@ -562,13 +561,15 @@ void backward_rows(const BackwardParams& p) {
   const int64_t groups = (rows + group_size - 1) / group_size;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * group_size));
 
+  // The row of each element of a run of short rows (backward_short_group), shared read-only
+  // by the threads.
+  alignas(64) int32_t lane_rows[kShortRow * kCoefGroup + 32];
+  if (std::is_same_v<acc_t, float> && L <= kShortRow) {
+    for (int32_t e = 0; e < kCoefGroup * L + 32; ++e) lane_rows[e] = e / static_cast<int32_t>(L);
+  }
+
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     acc_t coef[kCoefGroup];
-    // The row of each element of a run of short rows (backward_short_group).
-    alignas(64) int32_t lane_rows[kShortRow * kCoefGroup + 32];
-    if (L <= kShortRow) {
-      for (int64_t e = 0; e < kShortRow * kCoefGroup + 32; ++e) lane_rows[e] = int32_t(e / L);
-    }
     for (int64_t group = begin; group < end; ++group) {
       const int64_t first = group * group_size, count = std::min(group_size, rows - first);
       int64_t n = first / C, c = first % C;  // advanced with the row: no division per row

@@ -6,8 +6,9 @@
 // AVX-512, the cost that matters) and no exp or max; rows are then finished 16 (8 for
 // double) at a time with vector log and exp. kRows walks each row with unit stride and
 // reduces the lanes at its end, except short rows (<= 64 positions), which are read one
-// row per lane (16 x 16 tiles transposed in registers); kChannelsLast puts consecutive channels of one sample side by side in a
-// vector (one lane per row) and walks the positions, so no horizontal reduction is needed.
+// row per lane (16 x 16 tiles transposed in registers); kChannelsLast puts consecutive
+// channels of one sample side by side in a vector (one lane per row) and walks the
+// positions, so no horizontal reduction is needed.
 // Each row is always folded in the same order, whatever the thread count: same bits.
 //
 // Backward, per element: grad_x = coef * (log x - T/S) where x > 0, else 0, with one coef
@@ -194,8 +195,13 @@ bool short_rows_sums(const L1ForwardParams& p, int64_t first, int64_t count,
     ShortRowTiles<scalar_t> rows;
     if (!rows.init(p, first, count)) return false;
     VecL1State<float> state;
-    // Lanes past the group: 0, not live.
-    rows.for_each_position(_mm512_setzero_ps(), [&](int64_t, __m512 v) { state.add(v); });
+    // Lanes past the group: 0, not live. One pass, so the next group's rows (which follow
+    // these when rows are contiguous) are fetched during this one, a line per position:
+    // without it the tiles' loads wait on memory.
+    rows.for_each_position(_mm512_setzero_ps(), [&](int64_t i, __m512 v) {
+      rows.prefetch_next(i);
+      state.add(v);
+    });
     state.sum.store(sums.sum);
     state.xlogx_nats().store(sums.xlogx);
     state.total.store(sums.total);

@@ -120,21 +120,15 @@ constexpr int64_t kGroupsPerBlock = 16;
 // softmax state's max pass and the L1 sums take the same vector, the softmax exp pass
 // reads it back from a transposed copy in cache. Adds the group's rows into acc.
 template <typename scalar_t>
-void fused_group(const ShortRowTiles<scalar_t>& rows, int64_t count, __m512 (&acc)[kSummed]) {
+void fused_group(const ShortRowTiles<scalar_t>& rows, __m512 (&acc)[kSummed]) {
   const int64_t L = rows.length;
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   alignas(64) float transposed[kShortRow * 16];
-  __m512 vmax = neg_inf;
   __m512 l1_sum = _mm512_setzero_ps(), xlog2x = l1_sum, total = l1_sum, live = l1_sum;
-  rows.for_each_position(neg_inf, [&](int64_t i, __m512 v) {  // past the group: -inf
-    _mm512_store_ps(transposed + i * 16, v);
-    // max_ps skips NaN; a NaN still reaches the row's sums through the exp pass (an
-    // all-masked row shifts by 0, so even a row of NaN and -inf gives NaN).
-    vmax = _mm512_max_ps(v, vmax);
-    l1_step(v, l1_sum, xlog2x, total, live);
-  });
+  // Lanes past the group read -inf: not live for the L1 sums either.
+  const __m512 vmax = rows.read_transposed(
+      transposed, [&](__m512 v) { l1_step(v, l1_sum, xlog2x, total, live); });
   __m512 sum, shifted;
-  softmax_group_sums(transposed, vmax, rows, count, sum, shifted);
+  softmax_group_sums(transposed, vmax, rows, sum, shifted);
   using Vec = Vectorized<float>;
   const Vec s(sum), t(shifted);
   const Vec l1_s(l1_sum);
@@ -164,7 +158,7 @@ bool fused(const ForwardParams& x, const MonitorSumsParams& p) {
           const int64_t first = group * 16, count = std::min<int64_t>(16, rows - first);
           ShortRowTiles<scalar_t> group_rows;
           group_rows.init(x, first, count);  // true: x.positions <= kShortRow
-          fused_group<scalar_t>(group_rows, count, acc);
+          fused_group<scalar_t>(group_rows, acc);
         }
         double total[kSummed] = {};
         Vectorized<float> vecs[kSummed];

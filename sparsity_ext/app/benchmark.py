@@ -211,12 +211,6 @@ class Case:
     normalize: str = "softmax"
 
 
-def time_per_call(fn: Callable, inputs: list[torch.Tensor], repeats: int) -> tuple[float, str]:
-    """(ms per call of fn on one input, how it was timed): :func:`time_cuda_ms` over every
-    input of a :func:`rotation`."""
-    return time_cuda_ms([functools.partial(fn, t) for t in inputs], repeats)
-
-
 MODES = {"forward": 1, "forward+backward": 3}  # mode: bytes moved, in units of |x|
 
 
@@ -263,7 +257,8 @@ def run_case(case: Case, repeats: int) -> list[dict]:
         return cpu_rows(case, x, repeats)
     inputs = rotation(x)
     destinations = {id(t): torch.empty_like(t) for t in inputs}  # preallocated, one each
-    copy_ms, _ = time_per_call(lambda t: destinations[id(t)].copy_(t), inputs, repeats)
+    copy_ms, _ = time_cuda_ms([functools.partial(destinations[id(t)].copy_, t) for t in inputs],
+                              repeats)
     del inputs, destinations
     bandwidth = 2 * x.nbytes / (copy_ms * 1e-3)  # bytes per second
     impls = implementations(case.normalize)
@@ -275,7 +270,8 @@ def run_case(case: Case, repeats: int) -> list[dict]:
         for name, impl in impls.items():
             fn = impl if mode == "forward" else forward_backward_fn(impl, xr)
             with torch.no_grad() if mode == "forward" else torch.enable_grad():
-                times[name], how = time_per_call(fn, inputs, repeats)
+                times[name], how = time_cuda_ms([functools.partial(fn, t) for t in inputs],
+                                                repeats)
                 hows.add(how)
                 if name == "ours":
                     peak = peak_extra_mb(fn, xr)
