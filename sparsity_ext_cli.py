@@ -131,16 +131,16 @@ def add_bench_parser(sub) -> None:
                    help="also write the table(s) to this markdown file")
 
 
-def add_train_parser(sub) -> None:
+def add_setting_arguments(p: argparse.ArgumentParser, sweep: bool) -> None:
+    """The options of a training setting, the one home of their types, defaults and help
+    for `train` and `study`. With ``sweep`` (study) the swept ones, --label-noise, --penalty
+    and --penalty-normalize, take one value or several."""
     d = TRAIN_DEFAULTS
-    p = sub.add_parser(
-        "train", help="train a small CNN while monitoring its layer-wise sparsity",
-        description="Train a CNN, monitor the perplexity-based sparsity of every conv layer, "
-                    "and write history.csv, metrics.csv, summary.json and PNG plots into --out. "
-                    "Runs under torchrun too (DistributedDataParallel; rank 0 writes).")
+
+    def swept(name: str) -> dict:
+        return {"nargs": "+", "default": [d[name]]} if sweep else {"default": d[name]}
+
     positive_int = number(int, 1)
-    p.add_argument("--out", type=writable_folder, default=d["out"], metavar="DIR",
-                   help="output folder, created if needed (default: %(default)s)")
     p.add_argument("--dataset", choices=DATASETS, default=d["dataset"],
                    help="digits: scikit-learn's bundled 8x8 digits (offline, the default); "
                         "cifar10: from --data-dir")
@@ -150,40 +150,51 @@ def add_train_parser(sub) -> None:
                    help="VGG-style or ResNet-style CNN (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=d["epochs"],
                    help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=d["batch_size"],
-                   help="per process (default: %(default)s)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"],
                    help="SGD with momentum 0.9, or Adam (default: %(default)s)")
     p.add_argument("--lr", type=number(float, 0.0, inclusive=False), default=d["lr"],
                    help="learning rate (default: 0.01 for sgd, 0.001 for adam)")
-    p.add_argument("--label-noise", type=number(float, 0.0, maximum=0.99),
-                   default=d["label_noise"], metavar="SHARE",
+    p.add_argument("--label-noise", type=number(float, 0.0, maximum=0.99), metavar="SHARE",
                    help="share of training labels replaced by a wrong class; the test labels "
-                        "stay clean (default: %(default)s)")
-    p.add_argument("--penalty", type=number(float, 0.0), default=d["penalty"], metavar="WEIGHT",
+                        "stay clean (default: %(default)s)", **swept("label_noise"))
+    p.add_argument("--penalty", type=number(float, 0.0), metavar="WEIGHT",
                    help="add WEIGHT x the mean sparsity of the conv layers to the loss "
-                        "(default: %(default)s)")
-    p.add_argument("--penalty-normalize", choices=NORMALIZATIONS, default=d["penalty_normalize"],
+                        "(default: %(default)s)", **swept("penalty"))
+    p.add_argument("--penalty-normalize", choices=NORMALIZATIONS,
                    help="the sparsity the penalty lowers: the paper's softmax one or the "
-                        "scale-invariant L1 one (default: %(default)s)")
+                        "scale-invariant L1 one (default: %(default)s)",
+                   **swept("penalty_normalize"))
+    p.add_argument("--device", type=compute_device, default=d["device"],
+                   help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--train-size", type=positive_int, metavar="N",
+                   help="training images (default: digits 1000, cifar10 5000)")
+
+
+def add_train_parser(sub) -> None:
+    d = TRAIN_DEFAULTS
+    p = sub.add_parser(
+        "train", help="train a small CNN while monitoring its layer-wise sparsity",
+        description="Train a CNN, monitor the perplexity-based sparsity of every conv layer, "
+                    "and write history.csv, metrics.csv, summary.json and PNG plots into --out. "
+                    "Runs under torchrun too (DistributedDataParallel; rank 0 writes).")
+    p.add_argument("--out", type=writable_folder, default=d["out"], metavar="DIR",
+                   help="output folder, created if needed (default: %(default)s)")
+    add_setting_arguments(p, sweep=False)
+    p.add_argument("--batch-size", type=number(int, 1), default=d["batch_size"],
+                   help="per process (default: %(default)s)")
     p.add_argument("--early-stop-on-sparsity", nargs="?", const="sparsity", metavar="MEASURE",
                    choices=SIGNAL_MEASURES,
                    help="stop where the online signal of MEASURE (training-split sparsity, no "
                         "validation data; sparsity or sparsity_l1, default sparsity) fires")
     p.add_argument("--seed", type=number(int, 0, maximum=MAX_SEED), default=d["seed"],
                    help="(default: %(default)s)")
-    p.add_argument("--device", type=compute_device, default=d["device"],
-                   help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--train-size", type=positive_int, metavar="N",
-                   help="training images (default: digits 1000, cifar10 5000)")
-    p.add_argument("--test-size", type=positive_int, metavar="N",
+    p.add_argument("--test-size", type=number(int, 1), metavar="N",
                    help="test images (default: digits all the rest, cifar10 2000)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (there are none when stderr is not a terminal)")
 
 
 def add_study_parser(sub) -> None:
-    d = TRAIN_DEFAULTS
     p = sub.add_parser(
         "study", help="run a train setting over seeds, label noise and penalties; tabulate",
         description="Run `train` for every --label-noise x --penalty x --penalty-normalize "
@@ -195,20 +206,7 @@ def add_study_parser(sub) -> None:
                    help="(default: %(default)s)")
     p.add_argument("--seeds", type=number(int, 0, maximum=MAX_SEED), nargs="+",
                    default=[0, 1, 2], metavar="SEED", help="(default: 0 1 2)")
-    p.add_argument("--label-noise", type=number(float, 0.0, maximum=0.99), nargs="+",
-                   default=[d["label_noise"]], metavar="SHARE")
-    p.add_argument("--penalty", type=number(float, 0.0), nargs="+", default=[0.0],
-                   metavar="WEIGHT")
-    p.add_argument("--penalty-normalize", choices=NORMALIZATIONS, nargs="+",
-                   default=[d["penalty_normalize"]])
-    p.add_argument("--dataset", choices=DATASETS, default=d["dataset"])
-    p.add_argument("--data-dir", metavar="DIR")
-    p.add_argument("--model", choices=MODELS, default=d["model"])
-    p.add_argument("--epochs", type=number(int, 1), default=d["epochs"])
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"])
-    p.add_argument("--lr", type=number(float, 0.0, inclusive=False), default=d["lr"])
-    p.add_argument("--train-size", type=number(int, 1), metavar="N")
-    p.add_argument("--device", type=compute_device, default=d["device"])
+    add_setting_arguments(p, sweep=True)
 
 
 def add_plot_parser(sub) -> None:
