@@ -18,8 +18,8 @@ per round (:func:`time_interleaved`), so that all three see the same machine sta
 shared VM the speed drifts by tens of percent over minutes, which made ratios of series
 taken minutes apart unreliable. Medians and 90th percentiles are reported, and so is the
 90th percentile when other allocations come between the calls (:func:`churn`), which is
-when fresh memory costs page faults (see csrc/cpu/recycled_buffers.h). Eager PyTorch, 10-100
-times slower, is timed after them in the same process.
+when fresh memory costs page faults (see csrc/cpu/recycled_buffers.h). Eager PyTorch, much
+slower, is timed after them in the same process.
 """
 
 from __future__ import annotations
