@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <vector>
 
 namespace sparsity_ext {
 namespace {
@@ -124,6 +125,25 @@ ForwardCall prepare_forward(const at::Tensor& input, int64_t row_stats_rows) {
                               resolved->layout, scalar_kind(input.scalar_type()),
                               resolved->strides};
   return call;
+}
+
+at::Tensor empty_grad_x(const at::Tensor& x,
+                        const std::function<at::Tensor(at::IntArrayRef)>& empty) {
+  check_input(x);
+  const int64_t dims = x.dim();
+  bool channels_innermost = false;
+  if (x.size(1) > 1 && x.stride(1) == 1) {
+    for (int64_t d = 2; d < dims; ++d) {
+      channels_innermost = channels_innermost || (x.size(d) > 1 && x.stride(d) != 1);
+    }
+  }
+  if (!channels_innermost) return empty(x.sizes());
+  // Allocated as (N, *spatial, C), viewed as (N, C, *spatial).
+  std::vector<int64_t> sizes{x.size(0)}, inverse{0, dims - 1};
+  for (int64_t d = 2; d < dims; ++d) sizes.push_back(x.size(d));
+  sizes.push_back(x.size(1));
+  for (int64_t d = 1; d < dims - 1; ++d) inverse.push_back(d);
+  return empty(sizes).permute(inverse);
 }
 
 BackwardCall prepare_backward(

@@ -1,12 +1,13 @@
 // Host side shared by every device, between the registered op and the torch-free kernels:
 // checks every tensor argument, picks how x is read, allocates the forward's outputs and
-// fills the plain params structs the kernels take. grad_x is allocated by the caller (the
-// layout rule lives in sparsity_ext/ops.py) and only checked here.
+// fills the plain params structs the kernels take. grad_x is checked here; a functional
+// backward allocates it with empty_grad_x, an .out call brings its own.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <functional>
 #include <tuple>
 
 #include "channel_stats_params.h"
@@ -32,6 +33,13 @@ struct BackwardCall {
 // row_stats_rows: 3 for channel_stats, kL1Stats (4) for l1_stats (l1_stats_params.h);
 // every other check, layout rule and param is shared by the measures.
 ForwardCall prepare_forward(const at::Tensor& x, int64_t row_stats_rows = 3);
+
+// x's checks (the forward's), then an uninitialised grad_x for it from `empty(sizes)`
+// (dense, contiguous): channels innermost when x's channels are its unit-stride dim,
+// else contiguous. The rule of _grad_x_like in sparsity_ext/ops.py, which the fake and
+// fallback kernels use; tests/test_ops.py checks the two agree on every layout.
+at::Tensor empty_grad_x(const at::Tensor& x,
+                        const std::function<at::Tensor(at::IntArrayRef)>& empty);
 
 // grad_x: shape, dtype and device of x, dense, positions or channels unit-stride.
 BackwardCall prepare_backward(

@@ -92,34 +92,21 @@ L1_STATS = Measure("l1_stats", 4, functools.partial(reference.channel_stats, nor
 # --- shared pieces --------------------------------------------------------------------
 
 
-def _grad_x_like(x: torch.Tensor, empty: Callable | None = None) -> torch.Tensor:
+def _grad_x_like(x: torch.Tensor) -> torch.Tensor:
     """An empty grad_x for x: dense, channels innermost when x's channels are its unit-stride
     dim (a channels_last-like x is then read in place), else contiguous.
 
-    The one home of this rule; the kernels read x in whatever layout grad_x has.
-    ``empty(sizes)`` allocates the dense tensor (default ``x.new_empty``).
+    The rule of the fake and fallback kernels; the CPU kernel of the functional backward
+    allocates by the same rule in C++ (empty_grad_x, csrc/host_prepare.h; test_ops checks
+    they agree). The kernels read x in whatever layout grad_x has.
     """
-    empty = empty or x.new_empty
     spatial = range(2, x.dim())
     if x.shape[1] > 1 and x.stride(1) == 1 and any(
             x.shape[d] > 1 and x.stride(d) != 1 for d in spatial):
         perm = [0, *spatial, 1]
         inverse = [0, x.dim() - 1, *range(1, x.dim() - 1)]
-        return empty([x.shape[d] for d in perm]).permute(inverse)
-    return empty(x.shape)
-
-
-def _allocator_for(x: torch.Tensor) -> Callable:
-    """How a real (not fake) grad_x is allocated: on the CPU from the native cache of recycled
-    buffers when the library is loaded, since fresh memory as large as x costs more page
-    faults than the backward kernel costs (csrc/cpu/recycled_buffers.h); else new_empty."""
-    if x.device.type == "cpu" and _extension.kernel_available("cpu"):
-        return functools.partial(_empty_recycled, x)
-    return x.new_empty
-
-
-def _empty_recycled(x: torch.Tensor, sizes) -> torch.Tensor:
-    return torch.ops.sparsity_ext._empty_recycled.default(x, list(sizes))
+        return x.new_empty([x.shape[d] for d in perm]).permute(inverse)
+    return x.new_empty(x.shape)
 
 
 def check_backward_arguments(x, row_stats, grads, grad_x=None, row_stats_rows=3) -> None:
@@ -216,13 +203,34 @@ def _differentiable(function, op, *args):
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return op(*args)
-    if torch._C._are_functorch_transforms_active() or _needs_autograd(args):
+    if torch._C._are_functorch_transforms_active():
         return function.apply(*args)
+    if _needs_autograd(args):
+        return function.plain.apply(*args)
     with torch._C._AutoDispatchBelowAutograd():  # skips the Python autograd kernels
         return op(*args)
 
 
 # --- autograd.Functions: one per op of a measure ----------------------------------------
+
+
+def _with_plain_twin(function):
+    """Give ``function`` (new style: forward without ctx, then setup_context) a twin
+    ``function.plain`` in the old style, whose forward takes ctx and runs setup_context
+    itself: the same forward, backward and jvp, with less work per apply (no binding of the
+    arguments to forward's signature, one Python call less), which is a measurable part of
+    a small input's forward+backward. torch.func transforms take only the new style, so
+    calls use the twin only while none is active (_differentiable)."""
+    def forward(ctx, *args):
+        output = function.forward(*args)
+        function.setup_context(ctx, args, output)
+        return output
+
+    # Made with type() so that its grad_fn is named after function, as the original's is.
+    function.plain = type(function.__name__, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(function.backward),
+        "jvp": staticmethod(function.jvp), "__qualname__": function.__qualname__})
+    return function
 
 
 def _forward_function(measure: Measure, backward_function):
@@ -270,7 +278,7 @@ def _forward_function(measure: Measure, backward_function):
     Forward.vmap = staticmethod(_vmap_rule(Forward.apply, FORWARD_N_DIMS))
     Forward.__name__ = Forward.__qualname__ = "".join(
         part.title() for part in measure.name.split("_")) + "Function"
-    return Forward
+    return _with_plain_twin(Forward)
 
 
 def _backward_function(measure: Measure):
@@ -319,7 +327,7 @@ def _backward_function(measure: Measure):
     Backward.vmap = staticmethod(_vmap_rule(Backward.apply, BACKWARD_N_DIMS))
     Backward.__name__ = Backward.__qualname__ = "".join(
         part.title() for part in measure.name.split("_")) + "BackwardFunction"
-    return Backward
+    return _with_plain_twin(Backward)
 
 
 # --- registration: schemas, fake, fallback, autograd and vmap kernels, once per measure --
@@ -355,12 +363,12 @@ def _register(measure: Measure, forward_function, backward_function) -> None:
     torch.library.register_fake(f"{NAMESPACE}::{backward}", backward_fake, lib=_LIBRARY)
     torch.library.register_fake(f"{NAMESPACE}::{backward}.out", backward_out_fake, lib=_LIBRARY)
 
-    # Every device: the functional backward allocates grad_x (the layout rule) and calls
-    # .out; where the C++ library has no kernel (not built, another device) the plain
-    # PyTorch reference serves forward and .out.
+    # Where the C++ library has no kernel (not built, another device): the functional
+    # backward allocates grad_x (the layout rule) and calls .out; the plain PyTorch
+    # reference serves forward and .out. (The CPU library has its own functional backward.)
     def backward_functional(x, row_stats, *grads):
         reference.check_input(x)  # .out checks the rest
-        grad_x = _grad_x_like(x, _allocator_for(x))
+        grad_x = _grad_x_like(x)
         measure.backward_out_op(x, row_stats, *grads, grad_x=grad_x)
         return grad_x
 
@@ -394,7 +402,7 @@ def _register(measure: Measure, forward_function, backward_function) -> None:
                         f"torch.ops.sparsity_ext.{op._opname} called directly (it reaches "
                         f"autograd inside the dispatcher); call sparsity_ext.{measure.name} "
                         f"or {function.__name__}.apply, which support them all")
-                return function.apply(*args)
+                return function.plain.apply(*args)
             with torch._C._AutoDispatchBelowAutograd():
                 return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
         return kernel
@@ -421,14 +429,6 @@ def _register(measure: Measure, forward_function, backward_function) -> None:
     torch.library.register_vmap(f"{NAMESPACE}::{backward}",
                                 _vmap_rule(measure.backward_op, BACKWARD_N_DIMS), lib=_LIBRARY)
 
-
-# grad_x's memory on the CPU (see _allocator_for); the C++ library registers the CPU kernel.
-# An uninitialised contiguous tensor of `size` with like's dtype and device.
-_LIBRARY.define("_empty_recycled(Tensor like, int[] size) -> Tensor")
-_LIBRARY.impl("_empty_recycled", lambda like, size: like.new_empty(size),
-              "CompositeExplicitAutograd")
-torch.library.register_fake(f"{NAMESPACE}::_empty_recycled",
-                            lambda like, size: like.new_empty(size), lib=_LIBRARY)
 
 # --- monitor_sums_: the monitor's column sums of one activation, one native call ---------
 

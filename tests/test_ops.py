@@ -357,6 +357,24 @@ def test_backward_out_reads_x_in_grad_x_layout(layout, grad_layout):
     assert torch.equal(grad_x, expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["channel_stats_backward", "l1_stats_backward"])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 4), (2, 6, 1, 4), (2, 1, 5, 4), (2, 6, 7),
+                                   (2, 3, 2, 3, 4)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_functional_backward_allocates_grad_x_by_the_fake_kernels_rule(device, op, shape,
+                                                                       layout):
+    """The CPU library allocates grad_x in C++ (empty_grad_x), the fake and fallback kernels
+    in Python (_grad_x_like): the same strides for every layout, size-1 dims included."""
+    x = with_layout(random_input(shape, torch.float32, device), layout)
+    measure = sparsity_ext.ops.CHANNEL_STATS if op.startswith("channel") else \
+        sparsity_ext.ops.L1_STATS
+    stats = measure.forward_op(x)[3]
+    grads = [torch.randn(shape[:2], device=device) for _ in range(3)]
+    grad_x = getattr(torch.ops.sparsity_ext, op)(x, stats, *grads)
+    assert grad_x.stride() == sparsity_ext.ops._grad_x_like(x).stride()
+
+
 # --- torch.library / torch.compile ----------------------------------------------------
 
 

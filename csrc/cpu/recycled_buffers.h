@@ -17,8 +17,8 @@
 
 namespace sparsity_ext {
 
-// An uninitialised contiguous CPU tensor of `size` with like's dtype, in recycled memory when it is large enough: the
-// kernel of the op `_empty_recycled`, with which Python allocates grad_x on the CPU.
+// An uninitialised contiguous CPU tensor of `size` with like's dtype, in recycled memory
+// when it is large enough: the CPU functional backwards' grad_x (register_cpu.cpp).
 at::Tensor empty_recycled(const at::Tensor& like, at::IntArrayRef size);
 
 }  // namespace sparsity_ext
