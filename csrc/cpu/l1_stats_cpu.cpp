@@ -33,6 +33,7 @@
 
 #include "../l1_state.h"
 #include "avx512_short_rows.h"
+#include "store_from_float.h"
 
 namespace sparsity_ext {
 namespace {
@@ -82,7 +83,7 @@ struct Pack {
 
   static void store(scalar_t* p, int64_t count, const Vec (&in)[kVecs]) {
     if constexpr (kReduced) {
-      at::vec::convert_from_float<scalar_t>(in[0], in[1]).store(p, count);
+      store_from_float(p, count, in[0], in[1]);
     } else {
       in[0].store(p, count);
     }
