@@ -20,7 +20,8 @@ Environment: ``SPARSITY_EXT_CACHE`` (cache folder), ``SPARSITY_EXT_NO_EXTENSION=
 reference only), ``CUDA_HOME`` (the CUDA toolkit; without it CUDA kernels are not built),
 ``ATEN_CPU_CAPABILITY`` (``default``, ``avx2``: which CPU kernels run, as for ATen's own),
 ``SPARSITY_EXT_CPU_CACHE_MB`` (memory the CPU backward keeps for reuse, default 256; see
-``csrc/cpu/recycled_buffers.h``).
+``csrc/cpu/recycled_buffers.h``), ``SPARSITY_EXT_AVX512_BF16=0`` (round bfloat16 with
+at::vec even where the CPU has AVX512_BF16; see ``csrc/cpu/store_from_float.h``).
 """
 
 from __future__ import annotations

@@ -195,7 +195,8 @@ def _needs_autograd(tensors) -> bool:
 
 
 def _differentiable(function, op, *args):
-    """``function.apply(*args)`` when anything may differentiate it, else the bare op.
+    """``function.apply(*args)`` (its old-style twin ``function.plain`` outside torch.func
+    transforms) when anything may differentiate it, else the bare op.
 
     From Python, not from inside a dispatcher kernel: torch.func transforms can only take
     an autograd.Function there. Under torch.compile (and torch.jit.trace) the graph holds

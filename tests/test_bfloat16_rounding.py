@@ -1,8 +1,9 @@
 """The bfloat16 backward rounds grad_x with one AVX512_BF16 instruction where the CPU has it
 (csrc/cpu/store_from_float.h) and with at::vec's integer rounding elsewhere: the same bits
-either way (a NaN's payload aside), subnormal results included, which the instruction
-would flush and which therefore take at::vec's path. The choice is made when the library
-loads, so each way runs in a child process (SPARSITY_EXT_AVX512_BF16=0 forces at::vec)."""
+either way (a NaN's sign and payload aside), subnormal results included, which the
+instruction would flush and which therefore take at::vec's path. The choice is made once
+per process, so each way runs in a child process (SPARSITY_EXT_AVX512_BF16=0 forces
+at::vec), which checks that the library reports the way it was asked for."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import sparsity_ext
 from sparsity_ext import ops
 
 assert sparsity_ext._extension.kernel_available("cpu"), "the fused CPU kernels are not loaded"
+native = "bfloat16 rounded by AVX512_BF16" in sparsity_ext._extension.load().cpu_kernels
+assert native == (sys.argv[2] == "native"), sparsity_ext._extension.load().cpu_kernels
 generator = torch.Generator().manual_seed(0)
 results = []
 for normalize in ("softmax", "l1"):
@@ -37,8 +40,9 @@ for normalize in ("softmax", "l1"):
                 perm = [0, *range(2, x.dim()), 1]
                 x = x.permute(perm).contiguous().permute(0, x.dim() - 1, *range(1, x.dim() - 1))
             stats = measure.forward_op(x)[3]
-            # Output gradients of 1 and of 3e-37 (grad_x then mostly subnormal).
-            for grad_scale in (1.0, 3e-37):
+            # Output gradients of 1, of 3e-37 (grad_x then mostly subnormal) and of 3e38
+            # (grad_x near the largest bfloat16, rounding up to inf, inf, NaN).
+            for grad_scale in (1.0, 3e-37, 3e38):
                 grads = [(torch.randn(shape[:2], generator=generator) * grad_scale)
                          .to(torch.bfloat16) for _ in range(3)]
                 results.append(measure.backward_op(x, stats, *grads))
@@ -62,7 +66,8 @@ def backward_results(tmp_path: Path, native: bool) -> list[torch.Tensor]:
     env.pop("SPARSITY_EXT_AVX512_BF16", None)
     if not native:
         env["SPARSITY_EXT_AVX512_BF16"] = "0"
-    child = subprocess.run([sys.executable, "-c", CHILD, str(out)], cwd=ROOT, env=env,
+    way = "native" if native else "at::vec"
+    child = subprocess.run([sys.executable, "-c", CHILD, str(out), way], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=900)
     assert child.returncode == 0, child.stderr[-3000:]
     return torch.load(out)
@@ -73,12 +78,13 @@ def backward_results(tmp_path: Path, native: bool) -> list[torch.Tensor]:
                     reason="this CPU has no AVX512_BF16 (or ATen runs below AVX512): one way")
 def test_native_and_at_vec_rounding_store_the_same_bits(tmp_path):
     native, at_vec = backward_results(tmp_path, True), backward_results(tmp_path, False)
-    assert len(native) == len(at_vec) == 40
-    subnormal = 0
+    assert len(native) == len(at_vec) == 60
+    subnormal = infinite = 0
     for a, b in zip(native, at_vec):
         assert a.stride() == b.stride()
         both_nan = a.isnan() & b.isnan()
         assert torch.equal(a.view(torch.int16)[~both_nan], b.view(torch.int16)[~both_nan])
         magnitude = b.float().abs()
         subnormal += int(((magnitude > 0) & (magnitude < torch.finfo(torch.float32).tiny)).sum())
-    assert subnormal > 1000  # the inputs do reach the subnormal path
+        infinite += int(magnitude.isinf().sum())
+    assert subnormal > 1000 and infinite > 100  # the inputs reach those values

@@ -4,7 +4,13 @@
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 namespace sparsity_ext {
 namespace {
@@ -58,7 +64,24 @@ CpuCapability choose() {
               "build` in this environment");
 }
 
+// CPUID leaf 7 sub-leaf 1, EAX bit 5: AVX512_BF16 (sub-leaf 1 exists when sub-leaf 0's
+// EAX, the last sub-leaf, is at least 1).
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || eax < 1) return false;
+  return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 5)) != 0;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
+
+const bool kCpuRoundsBfloat16Natively = [] {
+  const char* setting = std::getenv("SPARSITY_EXT_AVX512_BF16");
+  return !(setting != nullptr && std::strcmp(setting, "0") == 0) && cpu_has_avx512_bf16();
+}();
 
 CpuCapability cpu_kernel_capability() {
   static const CpuCapability chosen = choose();
@@ -77,12 +100,17 @@ const char* cpu_capability_name(CpuCapability capability) {
 }  // namespace sparsity_ext
 
 // For the Python loader (ctypes): which build runs here, and which are linked, e.g.
-// "AVX2 of DEFAULT, AVX2, AVX512"; an explanation instead when none fits this process.
+// "AVX2 of DEFAULT, AVX2, AVX512", with "; bfloat16 rounded by AVX512_BF16" where the
+// AVX512 build uses that instruction; an explanation instead when no build fits.
 extern "C" const char* sparsity_ext_cpu_kernels() {
   static const std::string text = [] {
     try {
-      return std::string(sparsity_ext::cpu_capability_name(sparsity_ext::cpu_kernel_capability())) +
-             " of " + sparsity_ext::linked_names();
+      using namespace sparsity_ext;
+      const CpuCapability chosen = cpu_kernel_capability();
+      return std::string(cpu_capability_name(chosen)) + " of " + linked_names() +
+             (chosen == CpuCapability::kAvx512 && kCpuRoundsBfloat16Natively
+                  ? "; bfloat16 rounded by AVX512_BF16"
+                  : "");
     } catch (const c10::Error& e) {
       return std::string(e.what_without_backtrace());
     }

@@ -27,6 +27,12 @@ CpuCapability cpu_kernel_capability();
 // "DEFAULT", "AVX2" or "AVX512".
 const char* cpu_capability_name(CpuCapability capability);
 
+// Whether the AVX512 build rounds bfloat16 with AVX512_BF16's VCVTNE2PS2BF16
+// (store_from_float.h): the CPU has it and SPARSITY_EXT_AVX512_BF16 is not "0". Set when
+// the library loads; it matters only where cpu_kernel_capability() is kAvx512. A constant
+// rather than a call, since the kernels read it on every store.
+extern const bool kCpuRoundsBfloat16Natively;
+
 template <typename Fn>
 Fn select_cpu_kernel(Fn default_build, Fn avx2_build, Fn avx512_build) {
   switch (cpu_kernel_capability()) {
