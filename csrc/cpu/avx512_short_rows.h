@@ -84,7 +84,7 @@ constexpr float kLn2 = 0.693147180559945309f;
 // 16 consecutive elements of scalar_t as float, lanes outside `mask` read as 0 (and not
 // read at all: a masked load never touches the memory of a masked-out lane).
 template <typename scalar_t>
-inline __m512 load16(const scalar_t* p, __mmask16 mask = 0xFFFF) {
+inline __m512 load16(const scalar_t* p, __mmask16 mask) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return _mm512_maskz_loadu_ps(mask, p);
   } else {
@@ -140,18 +140,18 @@ struct ShortRowTiles {
   int64_t length = 0;
 
   // False where it does not apply: rows longer than kShortRow.
-  bool init(const ForwardParams& p, int64_t first, int64_t count) {
+  bool init(const ForwardParams& p, int64_t first, int64_t rows) {
     const int64_t L = p.positions, C = p.channels;
     if (L > kShortRow) return false;
     const scalar_t* x = static_cast<const scalar_t*>(p.x);
     int64_t n = first / C, c = first % C;  // one division per group, not per row
-    for (int64_t j = 0; j < count; ++j) {
+    for (int64_t j = 0; j < rows; ++j) {
       starts[j] = x + n * p.x_strides.batch + c * p.x_strides.channel;
       if (++c == C) c = 0, ++n;
     }
-    for (int64_t j = count; j < 16; ++j) starts[j] = starts[0];
-    active = static_cast<__mmask16>((1u << count) - 1);
-    this->count = count;
+    for (int64_t j = rows; j < 16; ++j) starts[j] = starts[0];
+    active = static_cast<__mmask16>((1u << rows) - 1);
+    count = rows;
     length = L;
     return true;
   }

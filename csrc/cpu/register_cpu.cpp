@@ -26,21 +26,6 @@ void backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
   SPARSITY_EXT_CPU_KERNEL(channel_stats_backward_cpu)(call.params);
 }
 
-// The functional backwards: grad_x in recycled memory (recycled_buffers.h), then .out's
-// kernel; a backward from autograd reaches the kernel with no Python in between.
-at::Tensor empty_grad_x_cpu(const at::Tensor& x) {
-  return empty_grad_x(x, [&x](at::IntArrayRef sizes) { return empty_recycled(x, sizes); });
-}
-
-at::Tensor backward_functional_cpu(const at::Tensor& x, const at::Tensor& row_stats,
-                                   const at::Tensor& grad_entropy,
-                                   const at::Tensor& grad_perplexity,
-                                   const at::Tensor& grad_sparsity) {
-  at::Tensor grad_x = empty_grad_x_cpu(x);
-  backward_cpu(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity, grad_x);
-  return grad_x;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> l1_forward_cpu(const at::Tensor& x) {
   const ForwardCall call = prepare_forward(x, kL1Stats);
   if (call.entropy.numel() > 0) SPARSITY_EXT_CPU_KERNEL(l1_stats_forward_cpu)(call.params);
@@ -56,12 +41,19 @@ void l1_backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
   SPARSITY_EXT_CPU_KERNEL(l1_stats_backward_cpu)(call.params);
 }
 
-at::Tensor l1_backward_functional_cpu(const at::Tensor& x, const at::Tensor& row_stats,
-                                      const at::Tensor& grad_entropy,
-                                      const at::Tensor& grad_perplexity,
-                                      const at::Tensor& grad_sparsity) {
-  at::Tensor grad_x = empty_grad_x_cpu(x);
-  l1_backward_cpu(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity, grad_x);
+// The functional backward of either measure, given its .out kernel: grad_x in recycled
+// memory (recycled_buffers.h) by the layout rule (empty_grad_x), then the kernel; a
+// backward from autograd reaches the kernel with no Python in between.
+using BackwardOut = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, at::Tensor&);
+
+template <BackwardOut out>
+at::Tensor backward_functional(const at::Tensor& x, const at::Tensor& row_stats,
+                               const at::Tensor& grad_entropy, const at::Tensor& grad_perplexity,
+                               const at::Tensor& grad_sparsity) {
+  at::Tensor grad_x =
+      empty_grad_x(x, [&x](at::IntArrayRef sizes) { return empty_recycled(x, sizes); });
+  out(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity, grad_x);
   return grad_x;
 }
 
@@ -85,10 +77,10 @@ void monitor_sums_cpu(at::Tensor& sums, const at::Tensor& x) {
 
 TORCH_LIBRARY_IMPL(sparsity_ext, CPU, m) {
   m.impl("channel_stats_forward", &forward_cpu);
-  m.impl("channel_stats_backward", &backward_functional_cpu);
+  m.impl("channel_stats_backward", &backward_functional<backward_cpu>);
   m.impl("channel_stats_backward.out", &backward_cpu);
   m.impl("l1_stats_forward", &l1_forward_cpu);
-  m.impl("l1_stats_backward", &l1_backward_functional_cpu);
+  m.impl("l1_stats_backward", &backward_functional<l1_backward_cpu>);
   m.impl("l1_stats_backward.out", &l1_backward_cpu);
   m.impl("monitor_sums_", &monitor_sums_cpu);
 }
