@@ -7,13 +7,15 @@
 // bfloat16 backward kernel of 128x64x32x32 takes 1.29-1.40 ms instead of 1.78-1.84, of
 // 128x512x7x7 0.67-0.78 instead of 0.84-0.90 (AMD EPYC Zen 4, 2 threads, two processes
 // each way). The flag is a constant read on every store: a function-local static there
-// (a guard check) cost all of that gain. The instruction treats subnormal inputs as zero, at::vec rounds them
-// (to a subnormal bfloat16 or the smallest normal one), so a pack holding a subnormal
-// takes at::vec's path: the stored bits are the same either way, but for a NaN's sign and
-// payload. It is written as inline assembly so that the AVX512 build needs no
-// -mavx512bf16 and still runs on AVX-512 CPUs without it; there, and with
-// SPARSITY_EXT_AVX512_BF16=0 (for tests), at::vec rounds every pack (the choice:
-// kCpuRoundsBfloat16Natively, cpu_capability.h; `python -m sparsity_ext info` shows it).
+// (a guard check) cost all of that gain.
+//
+// The instruction treats subnormal inputs as zero, at::vec rounds them (to a subnormal
+// bfloat16 or the smallest normal one), so a pack holding a subnormal takes at::vec's
+// path: the stored bits are the same either way, but for a NaN's sign and payload. It is
+// written as inline assembly so that the AVX512 build needs no -mavx512bf16 and still runs
+// on AVX-512 CPUs without it; there, and with SPARSITY_EXT_AVX512_BF16=0 (for tests),
+// at::vec rounds every pack (the choice: kCpuRoundsBfloat16Natively, cpu_capability.h;
+// `python -m sparsity_ext info` shows it).
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
