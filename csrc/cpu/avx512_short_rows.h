@@ -39,13 +39,12 @@ namespace {
 // applies 2^n.
 // Results below 2^-125 are set to exactly 0 through `representable` rather than
 // computed: an underflowing scalef takes a microcode assist that costs more than a whole
-// short row. The mask is "not less than", so NaN lanes stay representable and NaN.
+// short row. The mask is "not less than", so NaN lanes stay representable and NaN. The
+// other lanes need no clamp: whatever they compute (NaN from y = -inf) is masked away.
 inline __m512 exp2_nonpositive(__m512 y, __mmask16& representable) {
-  const __m512 lowest = _mm512_set1_ps(-125.0f);
-  representable = _mm512_cmp_ps_mask(y, lowest, _CMP_NLT_UQ);
-  const __m512 yc = _mm512_max_ps(lowest, y);  // max_ps returns its 2nd operand on NaN
-  const __m512 n = _mm512_roundscale_ps(yc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(yc, n);
+  representable = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
   __m512 p = _mm512_set1_ps(1.3264727080169001e-3f);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6715128621880884e-3f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507337456456640e-2f));

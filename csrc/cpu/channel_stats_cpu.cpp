@@ -499,6 +499,79 @@ struct GradTerms {
   }
 };
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The float backward on AVX-512 in the frame of y = x log2(e) - offset, one FMA from x,
+// with offset = (max + log_sum) log2(e) rounded to float:
+//   coef exp(d - log_sum) (d - mean_shift) = scale 2^y (y - center),
+//   scale = coef 2^-r ln(2),  center = r - (log_sum - mean_shift) log2(e),
+// r = (max + log_sum) log2(e) - offset, the offset's rounding error, found exactly by
+// error-free transformations (the products' errors by FMA, the sum's by TwoSum). The FMA
+// rounds once, relative to y, so rows far from zero keep their precision; and no clamp is
+// needed: a position whose 2^y is below 2^-125 (a masked one included) gives 0 through
+// the exp's mask. Three instructions per vector fewer than GradTerms (the subtraction of
+// the max, its clamp, a permute on short rows), and the backward of bfloat16 and of short
+// rows is bound by instructions. A row qualifies when |offset| <= 2^20 (so |r| <= 1/8)
+// and its terms are finite; the others (activations beyond about 7e5, NaN or infinite
+// rows, infinite gradients) keep GradTerms, which the callers choose per row or group.
+struct FramedGradTerms {
+  __m512 offset, scale, center;
+
+  // The terms of 16 rows, one per lane, and which lanes qualify.
+  static FramedGradTerms of(__m512 row_max, __m512 log_sum, __m512 mean_shift, __m512 coef,
+                            __mmask16& qualifies) {
+    const __m512 log2e = _mm512_set1_ps(kLog2e);
+    const __m512 a = _mm512_mul_ps(row_max, log2e), a_error = _mm512_fmsub_ps(row_max, log2e, a);
+    const __m512 b = _mm512_mul_ps(log_sum, log2e), b_error = _mm512_fmsub_ps(log_sum, log2e, b);
+    const __m512 offset = _mm512_add_ps(a, b);
+    const __m512 b_kept = _mm512_sub_ps(offset, a);  // TwoSum: offset + sum_error = a + b
+    const __m512 sum_error = _mm512_add_ps(_mm512_sub_ps(a, _mm512_sub_ps(offset, b_kept)),
+                                           _mm512_sub_ps(b, b_kept));
+    const __m512 r = _mm512_add_ps(sum_error, _mm512_add_ps(a_error, b_error));
+    const __m512 two_to_minus_r = Vectorized<float>(_mm512_sub_ps(_mm512_setzero_ps(), r)).exp2();
+    const FramedGradTerms terms{
+        offset, _mm512_mul_ps(_mm512_mul_ps(coef, two_to_minus_r), _mm512_set1_ps(kLn2)),
+        _mm512_fnmadd_ps(_mm512_sub_ps(log_sum, mean_shift), log2e, r)};
+    const __m512 largest = _mm512_set1_ps(std::numeric_limits<float>::max());
+    qualifies = _mm512_cmp_ps_mask(_mm512_abs_ps(offset), _mm512_set1_ps(0x1p20f), _CMP_LE_OQ) &
+                _mm512_cmp_ps_mask(_mm512_abs_ps(terms.scale), largest, _CMP_LE_OQ) &
+                _mm512_cmp_ps_mask(_mm512_abs_ps(terms.center), largest, _CMP_LE_OQ);
+    return terms;
+  }
+
+  // The terms of the rows in `rows` (lane j: the row whose index is lane j of `rows`).
+  FramedGradTerms permuted(__m512i rows) const {
+    return {_mm512_permutexvar_ps(rows, offset), _mm512_permutexvar_ps(rows, scale),
+            _mm512_permutexvar_ps(rows, center)};
+  }
+
+  Vectorized<float> operator()(const Vectorized<float>& x) const {
+    const __m512 y = _mm512_fmsub_ps(x, _mm512_set1_ps(kLog2e), offset);
+    __mmask16 representable;
+    const __m512 e = exp2_nonpositive(y, representable);
+    return _mm512_maskz_mul_ps(representable, _mm512_mul_ps(scale, e), _mm512_sub_ps(y, center));
+  }
+};
+
+// Calls body(terms) with the FramedGradTerms of 16 rows (one per lane) where the rows of
+// the lanes in `needed` all qualify, with their GradTerms otherwise.
+template <typename Body>
+inline void with_grad_terms(const Vectorized<float>& row_max, const Vectorized<float>& log_sum,
+                            const Vectorized<float>& mean_shift, const Vectorized<float>& coef,
+                            __mmask16 needed, Body&& body) {
+  __mmask16 qualifies;
+  const auto framed = FramedGradTerms::of(row_max, log_sum, mean_shift, coef, qualifies);
+  if ((qualifies & needed) == needed) {
+    body(framed);
+  } else {
+    body(GradTerms<float>::of(row_max, log_sum, mean_shift, coef));
+  }
+}
+
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+#endif
+
 // Short rows (L <= kShortRow) whose `count` <= kCoefGroup rows from `first` are one run of
 // consecutive elements in both x and grad_x (contiguous rows): the run is walked as full
 // vectors whose lanes may belong to different rows, each lane taking its row's terms from
@@ -522,23 +595,24 @@ bool backward_short_group(const BackwardParams& p, int64_t first, int64_t count,
                          (p.batch == 1 || (xs.batch == C * L && gs.batch == C * L));
     if (L > kShortRow || !one_run) return false;
     const float* stats = static_cast<const float*>(p.row_stats);
-    const auto terms = GradTerms<float>::of(
-        Vec::loadu(stats + first, count), Vec::loadu(stats + rows + first, count),
-        Vec::loadu(stats + 2 * rows + first, count), Vec::loadu(coef, count));
     const int64_t n = first / C, c = first % C;
     const scalar_t* x = static_cast<const scalar_t*>(p.x) + n * xs.batch + c * L;
     scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x) + n * gs.batch + c * L;
     const int64_t total = count * L;
-    Vec v[P::kVecs];
-    for (int64_t i = 0; i < total; i += W) {
-      const int64_t lanes = std::min(W, total - i);
-      P::load(x + i, lanes, v);
-      for (int k = 0; k < P::kVecs; ++k) {
-        const __m512i row = _mm512_load_si512(lane_rows + i + k * 16);
-        v[k] = terms.permuted(row)(v[k]);
-      }
-      P::store(grad_x + i, lanes, v);
-    }
+    with_grad_terms(Vec::loadu(stats + first, count), Vec::loadu(stats + rows + first, count),
+                    Vec::loadu(stats + 2 * rows + first, count), Vec::loadu(coef, count),
+                    first_lanes(count), [&](const auto& terms) {
+                      Vec v[P::kVecs];
+                      for (int64_t i = 0; i < total; i += W) {
+                        const int64_t lanes = std::min(W, total - i);
+                        P::load(x + i, lanes, v);
+                        for (int k = 0; k < P::kVecs; ++k) {
+                          const __m512i row = _mm512_load_si512(lane_rows + i + k * 16);
+                          v[k] = terms.permuted(row)(v[k]);
+                        }
+                        P::store(grad_x + i, lanes, v);
+                      }
+                    });
     return true;
   }
 #else
@@ -576,19 +650,39 @@ void backward_rows(const BackwardParams& p) {
       int64_t n = first / C, c = first % C;  // advanced with the row: no division per row
       row_coefficients<scalar_t>(p, first, count, n, c, coef);
       if (backward_short_group<scalar_t>(p, first, count, coef, lane_rows)) continue;
+#if defined(CPU_CAPABILITY_AVX512)
+      __mmask16 qualifies = 0;  // the rows whose FramedGradTerms apply
+      FramedGradTerms framed{};
+      if constexpr (std::is_same_v<acc_t, float>) {
+        framed = FramedGradTerms::of(Vec::loadu(stats + first, count),
+                                     Vec::loadu(stats + rows + first, count),
+                                     Vec::loadu(stats + 2 * rows + first, count),
+                                     Vec::loadu(coef, count), qualifies);
+      }
+#endif
       for (int64_t j = 0; j < count; ++j, c = c + 1 == C ? (++n, 0) : c + 1) {
         const int64_t row = first + j;
-        const auto terms = GradTerms<acc_t>::of(Vec(stats[row]), Vec(stats[rows + row]),
-                                                Vec(stats[2 * rows + row]), Vec(coef[j]));
         const scalar_t* xr = x + n * xs.batch + c * xs.channel;
         scalar_t* gr = grad_x + n * gs.batch + c * gs.channel;
-        Vec v[P::kVecs];
-        for (int64_t i = 0; i < L; i += W) {
-          const int64_t count_i = std::min(W, L - i);
-          P::load(xr + i, count_i, v);
-          for (int k = 0; k < P::kVecs; ++k) v[k] = terms(v[k]);
-          P::store(gr + i, count_i, v);
+        const auto row_pass = [&](const auto& terms) {
+          Vec v[P::kVecs];
+          for (int64_t i = 0; i < L; i += W) {
+            const int64_t count_i = std::min(W, L - i);
+            P::load(xr + i, count_i, v);
+            for (int k = 0; k < P::kVecs; ++k) v[k] = terms(v[k]);
+            P::store(gr + i, count_i, v);
+          }
+        };
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (qualifies >> j & 1) {
+            row_pass(framed.permuted(_mm512_set1_epi32(static_cast<int>(j))));
+            continue;
+          }
         }
+#endif
+        row_pass(GradTerms<acc_t>::of(Vec(stats[row]), Vec(stats[rows + row]),
+                                      Vec(stats[2 * rows + row]), Vec(coef[j])));
       }
     }
   });
@@ -623,21 +717,40 @@ void backward_channels_last(const BackwardParams& p) {
         row_coefficients<scalar_t>(p, n * C + c0 + j, std::min(kCoefGroup, lanes - j), n, c0 + j,
                                    lane_stats[3] + j);
       }
-      GradTerms<acc_t> terms[P::kVecs];
-      for (int k = 0; k < P::kVecs; ++k) {
-        terms[k] = GradTerms<acc_t>::of(
-            Vec::loadu(lane_stats[0] + k * P::kLanes), Vec::loadu(lane_stats[1] + k * P::kLanes),
-            Vec::loadu(lane_stats[2] + k * P::kLanes), Vec::loadu(lane_stats[3] + k * P::kLanes));
-      }
       const scalar_t* xb = x + n * p.x_strides.batch + c0;
       scalar_t* gb = grad_x + n * p.grad_x_strides.batch + c0;
       const int64_t x_step = p.x_strides.position, grad_step = p.grad_x_strides.position;
-      Vec v[P::kVecs];
-      for (int64_t i = 0; i < L; ++i) {
-        P::load(xb + i * x_step, lanes, v);
-        for (int k = 0; k < P::kVecs; ++k) v[k] = terms[k](v[k]);
-        P::store(gb + i * grad_step, lanes, v);
+      const auto block_pass = [&](const auto& terms) {  // terms[k]: the rows of vector k
+        Vec v[P::kVecs];
+        for (int64_t i = 0; i < L; ++i) {
+          P::load(xb + i * x_step, lanes, v);
+          for (int k = 0; k < P::kVecs; ++k) v[k] = terms[k](v[k]);
+          P::store(gb + i * grad_step, lanes, v);
+        }
+      };
+      const auto lane_vec = [&](int which, int k) { return Vec::loadu(lane_stats[which] + k * P::kLanes); };
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        FramedGradTerms framed[P::kVecs];
+        bool all_qualify = true;
+        for (int k = 0; k < P::kVecs; ++k) {
+          __mmask16 qualifies;
+          framed[k] = FramedGradTerms::of(lane_vec(0, k), lane_vec(1, k), lane_vec(2, k),
+                                          lane_vec(3, k), qualifies);
+          const __mmask16 needed = first_lanes(std::clamp<int64_t>(lanes - k * P::kLanes, 0, 16));
+          all_qualify = all_qualify && (qualifies & needed) == needed;
+        }
+        if (all_qualify) {
+          block_pass(framed);
+          continue;
+        }
       }
+#endif
+      GradTerms<acc_t> terms[P::kVecs];
+      for (int k = 0; k < P::kVecs; ++k) {
+        terms[k] = GradTerms<acc_t>::of(lane_vec(0, k), lane_vec(1, k), lane_vec(2, k), lane_vec(3, k));
+      }
+      block_pass(terms);
     }
   });
 }
