@@ -3,6 +3,7 @@ non-finite semantics, bad input, torch.compile, opcheck, determinism and memory.
 
 import contextlib
 import itertools
+import math
 
 import pytest
 import torch
@@ -206,6 +207,43 @@ def test_far_from_zero_rows_keep_their_precision(device):
     far = sparsity_ext.channel_stats(noise + 1e4)
     near = reference.channel_stats((noise + 1e4).double() - 1e4)
     torch.testing.assert_close(far.entropy.double(), near.entropy, rtol=1e-3, atol=1e-3)
+
+
+# |max| log2(e) = 2^20: beyond it the AVX-512 CPU backward leaves the frame of
+# y = x log2(e) - offset for the shift frame x - max (FramedGradTerms in csrc/cpu).
+FRAME_LIMIT = 2.0**20 / math.log2(math.e)  # about 726817
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 32, 49), (2, 32, 300), (3, 16, 20000), (2, 32, 7, 7)],
+                         ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_rows_of_any_magnitude_match_the_reference(device, dtype, shape, layout):
+    """Rows far from zero on both sides of FRAME_LIMIT, some with masked positions: forward
+    and backward match float64 on the same input. The backward decides per group of 16 rows
+    (or per row), so groups come in three kinds: rows within the limit, rows beyond it
+    (moderately: their offset's rounding error is still below 1, or enormously), and both."""
+    rows = shape[0] * shape[1]
+    within = torch.tensor([0.0, 1e2, -3e3, 1e4, 0.99 * FRAME_LIMIT, -0.99 * FRAME_LIMIT],
+                          dtype=torch.float64)
+    beyond = torch.tensor([1.01 * FRAME_LIMIT, -1.01 * FRAME_LIMIT, 3e6, -1e9],
+                          dtype=torch.float64)
+    enormous = torch.tensor([3e12, -3e30], dtype=torch.float64)
+    kinds = [within, beyond, torch.cat([within, beyond, enormous])]
+    offsets = torch.stack([kinds[(r // 16) % 3][torch.randint(len(kinds[(r // 16) % 3]), ())]
+                           for r in range(rows)])
+    x = random_input(shape, torch.float64, device) + offsets.to(device).reshape(
+        shape[:2] + (1,) * (len(shape) - 2))
+    x.flatten(2)[:, ::3, ::5] = -math.inf  # masked positions in every third row
+    x = with_layout(x.to(dtype), layout)
+    ours = sparsity_ext.channel_stats(x)
+    exact = reference.channel_stats(x.double())
+    for name, a, b in zip(OUTPUTS, ours, exact):
+        assert_close_to_float64(a, b, dtype, rtol_acc=1e-5, atol=1e-6, what=f"{name} {layout}")
+    ours_grad, exact_grad = _grads_against_reference(x, dtype)
+    assert_close_to_float64(ours_grad, exact_grad, dtype, rtol_acc=1e-5,
+                            atol=1e-5 * exact_grad.abs().max().item(), what=f"grad {layout}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -33,6 +33,16 @@ constexpr int64_t kShortRow = 64;
 namespace sparsity_ext {
 namespace {
 
+// 2^f for |f| <= 1/2, the polynomial of exp2_nonpositive below.
+inline __m512 exp2_reduced(__m512 f) {
+  __m512 p = _mm512_set1_ps(1.3264727080169001e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6715128621880884e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507337456456640e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022242081843176e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314697759658850e-1f));
+  return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+}
+
 // 2^y for y <= 0 (or NaN): 2^n * 2^f with n = round(y), |f| <= 1/2, and 2^f from a
 // degree-5 near-minimax polynomial (fitted to relative error 9e-8; 1.9e-7 evaluated in
 // float, about 1 ulp, the accuracy of exp_u20's 6th degree at one FMA less); scalef
@@ -44,14 +54,7 @@ namespace {
 inline __m512 exp2_nonpositive(__m512 y, __mmask16& representable) {
   representable = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(y, n);
-  __m512 p = _mm512_set1_ps(1.3264727080169001e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6715128621880884e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507337456456640e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022242081843176e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314697759658850e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(representable, p, n);
+  return _mm512_maskz_scalef_ps(representable, exp2_reduced(_mm512_sub_ps(y, n)), n);
 }
 
 constexpr float kLog2e = 1.4426950408889634f;
