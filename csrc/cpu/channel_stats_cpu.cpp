@@ -10,7 +10,8 @@
 // sample) and walks the positions, so every load is contiguous.
 //
 // Backward, per element: grad_x = coef * exp(d - log_sum) * (d - mean_shift) with
-// d = max(x - max, floor) and one coef per row (see entropy_state.h for the derivation).
+// d = max(x - max, floor) and one coef per row (see entropy_state.h for the derivation);
+// on AVX-512 float the same in the frame of y = x log2(e) - offset (FramedGradTerms).
 #include "channel_stats_cpu.h"
 
 #if !defined(CPU_CAPABILITY)
