@@ -216,22 +216,23 @@ FRAME_LIMIT = 2.0**20 / math.log2(math.e)  # about 726817
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(3, 32, 49), (2, 32, 300), (3, 16, 20000), (2, 32, 7, 7)],
-                         ids=str)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(3, 32, 49), (2, 24, 7, 7), (2, 32, 300), (2, 520, 70),
+                                   (3, 16, 20000)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 def test_rows_of_any_magnitude_match_the_reference(device, dtype, shape, layout):
     """Rows far from zero on both sides of FRAME_LIMIT, some with masked positions: forward
     and backward match float64 on the same input. The backward decides per group of 16 rows
-    (or per row), so groups come in three kinds: rows within the limit, rows beyond it
-    (moderately: their offset's rounding error is still below 1, or enormously), and both."""
+    or per block of 16 or 32 channels, so rows come in runs of 32 of three kinds: within the
+    limit, beyond it (moderately: the offset's rounding error stays below 1), and a mix that
+    adds enormous ones."""
     rows = shape[0] * shape[1]
     within = torch.tensor([0.0, 1e2, -3e3, 1e4, 0.99 * FRAME_LIMIT, -0.99 * FRAME_LIMIT],
                           dtype=torch.float64)
-    beyond = torch.tensor([1.01 * FRAME_LIMIT, -1.01 * FRAME_LIMIT, 3e6, -1e9],
+    beyond = torch.tensor([1.01 * FRAME_LIMIT, -1.01 * FRAME_LIMIT, 3e6, -8e6],
                           dtype=torch.float64)
-    enormous = torch.tensor([3e12, -3e30], dtype=torch.float64)
+    enormous = torch.tensor([-1e9, 3e12, -3e30], dtype=torch.float64)
     kinds = [within, beyond, torch.cat([within, beyond, enormous])]
-    offsets = torch.stack([kinds[(r // 16) % 3][torch.randint(len(kinds[(r // 16) % 3]), ())]
+    offsets = torch.stack([kinds[(r // 32) % 3][torch.randint(len(kinds[(r // 32) % 3]), ())]
                            for r in range(rows)])
     x = random_input(shape, torch.float64, device) + offsets.to(device).reshape(
         shape[:2] + (1,) * (len(shape) - 2))
@@ -244,6 +245,26 @@ def test_rows_of_any_magnitude_match_the_reference(device, dtype, shape, layout)
     ours_grad, exact_grad = _grads_against_reference(x, dtype)
     assert_close_to_float64(ours_grad, exact_grad, dtype, rtol_acc=1e-5,
                             atol=1e-5 * exact_grad.abs().max().item(), what=f"grad {layout}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 40, 7, 7), (2, 40, 300)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_a_rows_gradient_does_not_depend_on_the_other_rows(dtype, shape, layout):
+    """Rows that leave the backward's frame (NaN, far beyond FRAME_LIMIT) change nothing in
+    the other rows of their group: same bits as without them."""
+    base = random_input(shape, torch.float64)
+    changed = base.clone()
+    changed[0, 3] = math.nan
+    changed[1, ::7] += 1e7
+    x, x_changed = (with_layout(t.to(dtype), layout).requires_grad_(True) for t in (base, changed))
+    grads = [torch.randn(shape[:2], dtype=torch.float64).to(dtype) for _ in OUTPUTS]
+    ours = torch.autograd.grad(sparsity_ext.channel_stats(x), x, grads)[0]
+    ours_changed = torch.autograd.grad(sparsity_ext.channel_stats(x_changed), x_changed, grads)[0]
+    same = torch.ones(shape[:2], dtype=torch.bool)
+    same[0, 3] = False
+    same[1, ::7] = False
+    assert torch.equal(ours[same], ours_changed[same])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -386,7 +407,9 @@ def test_backward_out_checks_grad_x():
 @pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last"])
 def test_backward_out_reads_x_in_grad_x_layout(layout, grad_layout):
     """x in any layout, grad_x in either dense layout: the same bits as the functional op."""
-    x = with_layout(random_input((2, 6, 5, 4), torch.float32), layout)
+    values = random_input((2, 6, 5, 4), torch.float32)
+    values[1, 2] += 2e6  # one row beyond FRAME_LIMIT: its group mixes the two frames
+    x = with_layout(values, layout)
     stats = torch.ops.sparsity_ext.channel_stats_forward(x)[3]
     grads = [torch.randn(2, 6) for _ in range(3)]
     expected = torch.ops.sparsity_ext.channel_stats_backward(x, stats, *grads)

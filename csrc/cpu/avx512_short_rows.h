@@ -43,10 +43,10 @@ inline __m512 exp2_reduced(__m512 f) {
   return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
 }
 
-// 2^y for y <= 0 (or NaN): 2^n * 2^f with n = round(y), |f| <= 1/2, and 2^f from a
-// degree-5 near-minimax polynomial (fitted to relative error 9e-8; 1.9e-7 evaluated in
-// float, about 1 ulp, the accuracy of exp_u20's 6th degree at one FMA less); scalef
-// applies 2^n.
+// 2^y for y <= 0 (or NaN), the shifted values of a softmax (right for any y < 128, as n
+// follows y): 2^n * 2^f with n = round(y), |f| <= 1/2, and 2^f from a degree-5
+// near-minimax polynomial (fitted to relative error 9e-8; 1.9e-7 evaluated in float, about
+// 1 ulp, the accuracy of exp_u20's 6th degree at one FMA less); scalef applies 2^n.
 // Results below 2^-125 are set to exactly 0 through `representable` rather than
 // computed: an underflowing scalef takes a microcode assist that costs more than a whole
 // short row. The mask is "not less than", so NaN lanes stay representable and NaN. The

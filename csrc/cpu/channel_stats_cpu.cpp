@@ -157,12 +157,13 @@ struct Pack {
   static void load_unordered(const scalar_t* p, int64_t count, Vec (&out)[kVecs]) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      // Lanes past `count` read 0xFF80 (-128 as int16), bfloat16's -inf: a masked position.
       const __m512i bits =
           count == kWidth ? _mm512_loadu_si512(p)
-                          : _mm512_mask_loadu_epi16(_mm512_set1_epi16(static_cast<short>(0xFF80)),
+                          : _mm512_mask_loadu_epi16(_mm512_set1_epi16(-128),
                                                     static_cast<__mmask32>((1u << count) - 1), p);
-      out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));  // 0xFF80: -inf, masked
-      out[1] = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(0xFFFF0000)));
+      out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));  // even elements
+      out[1] = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(-65536)));  // odd
       return;
     }
 #endif
@@ -527,11 +528,15 @@ struct GradTerms {
 // error-free transformations (the products' errors by FMA, the sum's by TwoSum). The FMA
 // rounds once, relative to y, so rows far from zero keep their precision; and no clamp is
 // needed: a position whose 2^y is below 2^-125 (a masked one included) gives 0 through
-// the exp's mask. Three instructions per vector fewer than GradTerms (the subtraction of
-// the max, its clamp, a permute on short rows), and the backward of bfloat16 and of short
-// rows is bound by instructions. A row qualifies when |offset| <= 2^20 (so |r| <= 1/8)
-// and its terms are finite; the others (activations beyond about 7e5, NaN or infinite
-// rows, infinite gradients) keep GradTerms, which the callers choose per row or group.
+// the exp's mask. Two instructions per vector fewer than GradTerms (the subtraction of
+// the max and its clamp; on short rows also a permute), and the backward of bfloat16 and
+// of short rows is bound by instructions. A row qualifies when |offset| <= 2^20 (so
+// |r| <= 1/8) and its terms are finite; the others (activations beyond about 7e5, NaN or
+// infinite rows, infinite gradients) keep GradTerms (MixedGradTerms serves both kinds).
+// The error-free transformations need IEEE arithmetic as written: no -ffast-math.
+#if defined(__FAST_MATH__)
+#error "FramedGradTerms relies on exact rounding errors (TwoSum): build without -ffast-math"
+#endif
 struct FramedGradTerms {
   __m512 offset, scale, center;
 
@@ -571,23 +576,56 @@ struct FramedGradTerms {
   }
 };
 
-// Calls body(terms) with the FramedGradTerms of 16 rows (one per lane) where the rows of
-// the lanes in `needed` all qualify, with their GradTerms otherwise.
-template <typename Body>
-inline void with_grad_terms(const Vectorized<float>& row_max, const Vectorized<float>& log_sum,
-                            const Vectorized<float>& mean_shift, const Vectorized<float>& coef,
-                            __mmask16 needed, Body&& body) {
-  __mmask16 qualifies;
-  const auto framed = FramedGradTerms::of(row_max, log_sum, mean_shift, coef, qualifies);
-  if ((qualifies & needed) == needed) {
-    body(framed);
-  } else {
-    body(GradTerms<float>::of(row_max, log_sum, mean_shift, coef));
+// GradTerms and FramedGradTerms of the same 16 rows, each lane computed with the one its
+// row qualifies for, so that a row's gradient never depends on which rows share its group
+// (groups differ between kernels and layouts). Only groups that mix the two pay for both.
+struct MixedGradTerms {
+  GradTerms<float> shifted;
+  FramedGradTerms framed;
+  __m512i framed_lanes;  // all ones in the lanes whose row qualifies
+
+  static MixedGradTerms of(__m512 row_max, __m512 log_sum, __m512 mean_shift, __m512 coef,
+                           __mmask16& qualifies) {
+    const auto framed = FramedGradTerms::of(row_max, log_sum, mean_shift, coef, qualifies);
+    return {GradTerms<float>::of(row_max, log_sum, mean_shift, coef), framed,
+            _mm512_maskz_set1_epi32(qualifies, -1)};
   }
+
+  MixedGradTerms permuted(__m512i rows) const {
+    return {shifted.permuted(rows), framed.permuted(rows),
+            _mm512_permutexvar_epi32(rows, framed_lanes)};
+  }
+
+  Vectorized<float> operator()(const Vectorized<float>& x) const {
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(framed_lanes, framed_lanes), shifted(x),
+                                framed(x));
+  }
+};
+
+// The first `count` lanes (none for count <= 0, all for count >= 16).
+inline __mmask16 first_lanes(int64_t count) {
+  return static_cast<__mmask16>((1u << std::clamp<int64_t>(count, 0, 16)) - 1);
 }
 
-inline __mmask16 first_lanes(int64_t count) {
-  return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+// Calls body(terms) for the `count` <= 16 rows whose values start at the four pointers
+// (one row per lane) with the cheapest terms that serve each row its own kind:
+// FramedGradTerms where all qualify, GradTerms where none does, MixedGradTerms otherwise.
+template <typename Body>
+inline void with_grad_terms(const float* row_max, const float* log_sum, const float* mean_shift,
+                            const float* coef, int64_t count, Body&& body) {
+  using Vec = Vectorized<float>;
+  __mmask16 qualifies;
+  const auto both =
+      MixedGradTerms::of(Vec::loadu(row_max, count), Vec::loadu(log_sum, count),
+                         Vec::loadu(mean_shift, count), Vec::loadu(coef, count), qualifies);
+  const __mmask16 rows = first_lanes(count);
+  if ((qualifies & rows) == rows) {
+    body(both.framed);
+  } else if ((qualifies & rows) == 0) {
+    body(both.shifted);
+  } else {
+    body(both);
+  }
 }
 #endif
 
@@ -618,9 +656,8 @@ bool backward_short_group(const BackwardParams& p, int64_t first, int64_t count,
     const scalar_t* x = static_cast<const scalar_t*>(p.x) + n * xs.batch + c * L;
     scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x) + n * gs.batch + c * L;
     const int64_t total = count * L;
-    with_grad_terms(Vec::loadu(stats + first, count), Vec::loadu(stats + rows + first, count),
-                    Vec::loadu(stats + 2 * rows + first, count), Vec::loadu(coef, count),
-                    first_lanes(count), [&](const auto& terms) {
+    with_grad_terms(stats + first, stats + rows + first, stats + 2 * rows + first, coef, count,
+                    [&](const auto& terms) {
                       Vec v[P::kVecs];
                       for (int64_t i = 0; i < total; i += W) {
                         const int64_t lanes = std::min(W, total - i);
@@ -669,21 +706,11 @@ void backward_rows(const BackwardParams& p) {
       int64_t n = first / C, c = first % C;  // advanced with the row: no division per row
       row_coefficients<scalar_t>(p, first, count, n, c, coef);
       if (backward_short_group<scalar_t>(p, first, count, coef, lane_rows)) continue;
-#if defined(CPU_CAPABILITY_AVX512)
-      __mmask16 qualifies = 0;  // the rows whose FramedGradTerms apply
-      FramedGradTerms framed{};
-      if constexpr (std::is_same_v<acc_t, float>) {
-        framed = FramedGradTerms::of(Vec::loadu(stats + first, count),
-                                     Vec::loadu(stats + rows + first, count),
-                                     Vec::loadu(stats + 2 * rows + first, count),
-                                     Vec::loadu(coef, count), qualifies);
-      }
-#endif
-      for (int64_t j = 0; j < count; ++j, c = c + 1 == C ? (++n, 0) : c + 1) {
-        const int64_t row = first + j;
-        const scalar_t* xr = x + n * xs.batch + c * xs.channel;
-        scalar_t* gr = grad_x + n * gs.batch + c * gs.channel;
-        const auto row_pass = [&](const auto& terms) {
+      const auto rows_pass = [&](const auto& terms_of_row) {  // terms_of_row(j): row first + j
+        for (int64_t j = 0; j < count; ++j, c = c + 1 == C ? (++n, 0) : c + 1) {
+          const auto terms = terms_of_row(j);
+          const scalar_t* xr = x + n * xs.batch + c * xs.channel;
+          scalar_t* gr = grad_x + n * gs.batch + c * gs.channel;
           Vec v[P::kVecs];
           for (int64_t i = 0; i < L; i += W) {
             const int64_t count_i = std::min(W, L - i);
@@ -691,18 +718,24 @@ void backward_rows(const BackwardParams& p) {
             for (int k = 0; k < P::kVecs; ++k) v[k] = terms(v[k]);
             P::store(gr + i, count_i, v);
           }
-        };
-#if defined(CPU_CAPABILITY_AVX512)
-        if constexpr (std::is_same_v<acc_t, float>) {
-          if (qualifies >> j & 1) {
-            row_pass(framed.permuted(_mm512_set1_epi32(static_cast<int>(j))));
-            continue;
-          }
         }
-#endif
-        row_pass(GradTerms<acc_t>::of(Vec(stats[row]), Vec(stats[rows + row]),
-                                      Vec(stats[2 * rows + row]), Vec(coef[j])));
+      };
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        with_grad_terms(stats + first, stats + rows + first, stats + 2 * rows + first, coef, count,
+                        [&](const auto& group) {
+                          rows_pass([&](int64_t j) {
+                            return group.permuted(_mm512_set1_epi32(static_cast<int>(j)));
+                          });
+                        });
+        continue;
       }
+#endif
+      rows_pass([&](int64_t j) {
+        const int64_t row = first + j;
+        return GradTerms<acc_t>::of(Vec(stats[row]), Vec(stats[rows + row]),
+                                    Vec(stats[2 * rows + row]), Vec(coef[j]));
+      });
     }
   });
 }
@@ -747,27 +780,34 @@ void backward_channels_last(const BackwardParams& p) {
           P::store(gb + i * grad_step, lanes, v);
         }
       };
-      const auto lane_vec = [&](int which, int k) { return Vec::loadu(lane_stats[which] + k * P::kLanes); };
+      const auto lane_vec = [&](int which, int k) {
+        return Vec::loadu(lane_stats[which] + k * P::kLanes);
+      };
 #if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (std::is_same_v<acc_t, float>) {
-        FramedGradTerms framed[P::kVecs];
-        bool all_qualify = true;
+      if constexpr (std::is_same_v<acc_t, float>) {  // as with_grad_terms, for kVecs vectors
+        MixedGradTerms both[P::kVecs];
+        bool all_framed = true;
         for (int k = 0; k < P::kVecs; ++k) {
           __mmask16 qualifies;
-          framed[k] = FramedGradTerms::of(lane_vec(0, k), lane_vec(1, k), lane_vec(2, k),
-                                          lane_vec(3, k), qualifies);
-          const __mmask16 needed = first_lanes(std::clamp<int64_t>(lanes - k * P::kLanes, 0, 16));
-          all_qualify = all_qualify && (qualifies & needed) == needed;
+          both[k] = MixedGradTerms::of(lane_vec(0, k), lane_vec(1, k), lane_vec(2, k),
+                                       lane_vec(3, k), qualifies);
+          const __mmask16 needed = first_lanes(lanes - k * P::kLanes);
+          all_framed = all_framed && (qualifies & needed) == needed;
         }
-        if (all_qualify) {
+        if (all_framed) {
+          FramedGradTerms framed[P::kVecs];
+          for (int k = 0; k < P::kVecs; ++k) framed[k] = both[k].framed;
           block_pass(framed);
-          continue;
+        } else {
+          block_pass(both);
         }
+        continue;
       }
 #endif
       GradTerms<acc_t> terms[P::kVecs];
       for (int k = 0; k < P::kVecs; ++k) {
-        terms[k] = GradTerms<acc_t>::of(lane_vec(0, k), lane_vec(1, k), lane_vec(2, k), lane_vec(3, k));
+        terms[k] =
+            GradTerms<acc_t>::of(lane_vec(0, k), lane_vec(1, k), lane_vec(2, k), lane_vec(3, k));
       }
       block_pass(terms);
     }
