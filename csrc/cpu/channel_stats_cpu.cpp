@@ -342,26 +342,35 @@ void forward_rows(const ForwardParams& p) {
   const int64_t group_size = L <= kShortRow || rows >= 64 * kGroup ? kGroup : 1;
   const int64_t groups = (rows + group_size - 1) / group_size;
   const int64_t group_grain = std::max<int64_t>(1, grain / group_size);
+  // The states of up to four groups are finished in one store_rows call: four independent
+  // chains of log, exp and division, whose latencies then overlap where one group's
+  // stalled the loop (7x7 float32 forward kernel 7 % faster, 1 thread).
+  constexpr int64_t kFinished = 4 * kGroup;
   at::parallel_for(0, groups, group_grain, [&](int64_t begin, int64_t end) {
-    acc_t m[kGroup], s[kGroup], t[kGroup];
+    acc_t m[kFinished], s[kFinished], t[kFinished];
+    int64_t batch_first = begin * group_size, batched = 0;  // the rows in m, s and t
     for (int64_t group = begin; group < end; ++group) {
       const int64_t first = group * group_size, count = std::min(group_size, rows - first);
-      if (short_rows_state<scalar_t>(p, first, count, m, s, t)) {
-        store_rows<scalar_t>(p, first, count, m, s, t);
-        continue;
-      }
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t row = first + j;
-        const scalar_t* xr = x + (row / C) * xs.batch + (row % C) * xs.channel;
-        auto state = EntropyState<acc_t>::empty();
-        for (int64_t start = 0; start < L; start += kRowChunk) {
-          state.merge(contiguous_chunk_state(xr + start, std::min(kRowChunk, L - start)));
+      acc_t *mg = m + batched, *sg = s + batched, *tg = t + batched;
+      if (!short_rows_state<scalar_t>(p, first, count, mg, sg, tg)) {
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t row = first + j;
+          const scalar_t* xr = x + (row / C) * xs.batch + (row % C) * xs.channel;
+          auto state = EntropyState<acc_t>::empty();
+          for (int64_t start = 0; start < L; start += kRowChunk) {
+            state.merge(contiguous_chunk_state(xr + start, std::min(kRowChunk, L - start)));
+          }
+          mg[j] = state.max;
+          sg[j] = state.sum;
+          tg[j] = state.shifted;
         }
-        m[j] = state.max;
-        s[j] = state.sum;
-        t[j] = state.shifted;
       }
-      store_rows<scalar_t>(p, first, count, m, s, t);
+      batched += count;
+      if (batched + group_size > kFinished || group + 1 == end) {
+        store_rows<scalar_t>(p, batch_first, batched, m, s, t);
+        batch_first += batched;
+        batched = 0;
+      }
     }
   });
 }
@@ -431,8 +440,11 @@ void forward_channels_last(const ForwardParams& p) {
 
 // Rows whose coefficients are computed together (one float vector's worth).
 constexpr int64_t kCoefGroup = 16;
+// Rows whose coefficients one row_coefficients call computes, at most: four groups, four
+// independent chains of exp and division whose latencies overlap.
+constexpr int64_t kCoefBatch = 4 * kCoefGroup;
 
-// backward_coefficient() of entropy_state.h for the `count` <= kCoefGroup consecutive rows
+// backward_coefficient() of entropy_state.h for the `count` <= kCoefBatch consecutive rows
 // from `first` (sample n, channel c), several rows per vector: a scalar exp and division
 // per row would otherwise cost more than a short row's elements.
 template <typename scalar_t>
@@ -446,7 +458,7 @@ void row_coefficients(const BackwardParams& p, int64_t first, int64_t count, int
   const scalar_t* grads[3] = {static_cast<const scalar_t*>(p.grad_entropy),
                               static_cast<const scalar_t*>(p.grad_perplexity),
                               static_cast<const scalar_t*>(p.grad_sparsity)};
-  acc_t g[3][kCoefGroup];
+  acc_t g[3][kCoefBatch];
   for (int k = 0; k < 3; ++k) {
     const int64_t* strides = p.grad_strides[k];
     if (strides[1] == 1 && (strides[0] == p.channels || p.batch == 1)) {  // contiguous
@@ -700,11 +712,20 @@ void backward_rows(const BackwardParams& p) {
   }
 
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-    acc_t coef[kCoefGroup];
+    // The coefficients of up to four groups at a time, rows batch_first .. batch_end - 1
+    // (backward kernel 3 % faster on 7x7 rows, 1 thread).
+    acc_t batch_coef[kCoefBatch];
+    int64_t batch_first = 0, batch_end = 0;
+    const int64_t range_end = std::min(rows, end * group_size);
     for (int64_t group = begin; group < end; ++group) {
       const int64_t first = group * group_size, count = std::min(group_size, rows - first);
       int64_t n = first / C, c = first % C;  // advanced with the row: no division per row
-      row_coefficients<scalar_t>(p, first, count, n, c, coef);
+      if (first >= batch_end) {
+        batch_first = first;
+        batch_end = std::min(range_end, first + 4 * group_size);
+        row_coefficients<scalar_t>(p, first, batch_end - first, n, c, batch_coef);
+      }
+      const acc_t* coef = batch_coef + (first - batch_first);
       if (backward_short_group<scalar_t>(p, first, count, coef, lane_rows)) continue;
       const auto rows_pass = [&](const auto& terms_of_row) {  // terms_of_row(j): row first + j
         for (int64_t j = 0; j < count; ++j, c = c + 1 == C ? (++n, 0) : c + 1) {
