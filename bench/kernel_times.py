@@ -3,8 +3,8 @@
     python bench/kernel_times.py [--threads 1] [--repeats 101] [SHAPE:DTYPE ...]
 
 Calls ``channel_stats_forward`` and ``channel_stats_backward`` directly (no autograd, no
-Python wrapper), alternating them call by call, and prints the minimum and the median in
-ms of each. On a shared machine the minimum of many one-thread calls is the steadiest
+Python wrapper), alternating them call by call, and prints the minimum, the median and the
+90th percentile in ms of each. On a shared machine the minimum of many one-thread calls is the steadiest
 figure for an A/B of kernel changes; run the two checkouts in alternating processes, each
 with its own ``SPARSITY_EXT_CACHE`` and ``PYTHONPATH``, several times. How the op compares
 with eager PyTorch, torch.compile and a copy is ``python -m sparsity_ext bench``'s job.
@@ -19,7 +19,7 @@ import time
 import torch
 
 from sparsity_ext import _extension
-from sparsity_ext.app.benchmark import make_input
+from sparsity_ext.app.benchmark import make_input, percentile
 
 DEFAULT_CASES = ["128x512x7x7:float32", "128x512x7x7:bfloat16", "128x64x32x32:bfloat16"]
 
@@ -59,8 +59,8 @@ def main() -> None:
                 start = time.perf_counter()
                 call()
                 times[name].append((time.perf_counter() - start) * 1e3)
-        text = "  ".join(f"{name} min {min(t):.3f} median {statistics.median(t):.3f}"
-                         for name, t in times.items())
+        text = "  ".join(f"{name} min {min(t):.3f} median {statistics.median(t):.3f} "
+                         f"p90 {percentile(t, 90):.3f}" for name, t in times.items())
         print(f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}: {text} ms", flush=True)
 
 
