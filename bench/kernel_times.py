@@ -4,10 +4,11 @@
 
 Calls ``channel_stats_forward`` and ``channel_stats_backward`` directly (no autograd, no
 Python wrapper), alternating them call by call, and prints the minimum, the median and the
-90th percentile in ms of each. On a shared machine the minimum of many one-thread calls is the steadiest
-figure for an A/B of kernel changes; run the two checkouts in alternating processes, each
-with its own ``SPARSITY_EXT_CACHE`` and ``PYTHONPATH``, several times. How the op compares
-with eager PyTorch, torch.compile and a copy is ``python -m sparsity_ext bench``'s job.
+90th percentile in ms of each. On a shared machine the minimum of many one-thread calls is
+the steadiest figure for an A/B of kernel changes; run the two checkouts in alternating
+processes, each with its own ``SPARSITY_EXT_CACHE`` and ``PYTHONPATH``, several times. How
+the op compares with eager PyTorch, torch.compile and a copy is ``python -m sparsity_ext
+bench``'s job.
 """
 
 from __future__ import annotations
@@ -32,17 +33,20 @@ def parse_case(text: str) -> tuple[tuple[int, ...], torch.dtype]:
         shape = ()
     dtype = getattr(torch, dtype_name or "float32", None)
     if len(shape) < 3 or min(shape) < 1 or not isinstance(dtype, torch.dtype):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected N x C x spatial dims, positive, then :DTYPE, e.g. 128x512x7x7:float32")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N x C x spatial dims, positive, "
+                                         "then :DTYPE, e.g. 128x512x7x7:float32")
     return shape, dtype
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cases", nargs="*", type=parse_case, help=f"default: {' '.join(DEFAULT_CASES)}")
+    parser.add_argument("cases", nargs="*", type=parse_case,
+                        help=f"default: {' '.join(DEFAULT_CASES)}")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=101)
     args = parser.parse_args()
+    if args.threads < 1 or args.repeats < 1:
+        parser.error("--threads and --repeats must be at least 1")
     if not _extension.kernel_available("cpu"):
         raise SystemExit(f"no native CPU kernel to time: {_extension.load().describe()}")
     torch.set_num_threads(args.threads)
@@ -51,6 +55,7 @@ def main() -> None:
         x = make_input(shape, dtype, "cpu")
         row_stats = ops.channel_stats_forward(x)[3]
         grads = [torch.randn(shape[:2]).to(dtype) for _ in range(3)]
+        ops.channel_stats_backward(x, row_stats, *grads)  # a warm-up call of each
         calls = {"forward": lambda: ops.channel_stats_forward(x),
                  "backward": lambda: ops.channel_stats_backward(x, row_stats, *grads)}
         times: dict[str, list[float]] = {name: [] for name in calls}
@@ -61,7 +66,8 @@ def main() -> None:
                 times[name].append((time.perf_counter() - start) * 1e3)
         text = "  ".join(f"{name} min {min(t):.3f} median {statistics.median(t):.3f} "
                          f"p90 {percentile(t, 90):.3f}" for name, t in times.items())
-        print(f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}: {text} ms", flush=True)
+        case = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}"
+        print(f"{case}: {text} ms", flush=True)
 
 
 if __name__ == "__main__":

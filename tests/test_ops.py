@@ -534,6 +534,35 @@ def test_same_bits_every_call_and_every_thread_count(layout):
         assert torch.equal(e, results[0][0]) and torch.equal(g, results[0][1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_rows_same_bits_when_thread_ranges_split_the_finishing_batches(dtype):
+    """The kernels finish (forward) and take coefficients for (backward) four groups of rows
+    at a time, counted from where a thread's range starts: 130 groups of 16 7x7 rows and a
+    partial one, split over 1, 2 and 3 threads, start those batches at different groups.
+    A row put in another row's slot would change bits between thread counts."""
+    x = random_input((5, 417, 7, 7), dtype).requires_grad_(True)  # 2085 rows
+    weights = [torch.randn(5, 417, dtype=dtype) for _ in range(3)]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in [1, 2, 3]:
+            torch.set_num_threads(n)
+            stats = sparsity_ext.channel_stats(x)
+            results.append([t.detach() for t in stats]
+                           + list(torch.autograd.grad(tuple(stats), x, weights)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    xd = x.detach().double().requires_grad_(True)
+    exact = reference.channel_stats(xd)
+    exact_grad, = torch.autograd.grad(tuple(exact), xd, [w.double() for w in weights])
+    for name, ours, want in zip(OUTPUTS, results[0], exact):
+        assert_close_to_float64(ours, want.detach(), dtype, what=name)
+    assert_close_to_float64(results[0][3], exact_grad, dtype, rtol_acc=1e-5,
+                            atol=1e-5 * exact_grad.abs().max().item(), what="grad")
+
+
 def _allocations(fn):
     """Bytes allocated by each op that allocated while fn runs (torch.profiler's memory
     records attribute every allocation to the innermost op, e.g. aten::empty)."""

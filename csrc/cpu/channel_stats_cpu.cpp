@@ -441,8 +441,9 @@ void forward_channels_last(const ForwardParams& p) {
 // Rows whose coefficients are computed together (one float vector's worth).
 constexpr int64_t kCoefGroup = 16;
 // Rows whose coefficients one row_coefficients call computes, at most: four groups, four
-// independent chains of exp and division whose latencies overlap.
-constexpr int64_t kCoefBatch = 4 * kCoefGroup;
+// independent chains of exp and multiplies whose latencies overlap.
+constexpr int64_t kCoefGroupsPerBatch = 4;
+constexpr int64_t kCoefBatch = kCoefGroupsPerBatch * kCoefGroup;
 
 // backward_coefficient() of entropy_state.h for the `count` <= kCoefBatch consecutive rows
 // from `first` (sample n, channel c), several rows per vector: a scalar exp and division
@@ -713,7 +714,8 @@ void backward_rows(const BackwardParams& p) {
 
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     // The coefficients of up to four groups at a time, rows batch_first .. batch_end - 1
-    // (backward kernel 3 % faster on 7x7 rows, 1 thread).
+    // (group_size <= kCoefGroup, so they fit; backward kernel 3 % faster on 7x7 rows, 1
+    // thread).
     acc_t batch_coef[kCoefBatch];
     int64_t batch_first = 0, batch_end = 0;
     const int64_t range_end = std::min(rows, end * group_size);
@@ -722,7 +724,7 @@ void backward_rows(const BackwardParams& p) {
       int64_t n = first / C, c = first % C;  // advanced with the row: no division per row
       if (first >= batch_end) {
         batch_first = first;
-        batch_end = std::min(range_end, first + 4 * group_size);
+        batch_end = std::min(range_end, first + kCoefGroupsPerBatch * group_size);
         row_coefficients<scalar_t>(p, first, batch_end - first, n, c, batch_coef);
       }
       const acc_t* coef = batch_coef + (first - batch_first);
