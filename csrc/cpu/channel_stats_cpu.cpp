@@ -46,6 +46,10 @@ constexpr int64_t kElementsPerTask = 1 << 15;
 // Positions per chunk of a row: the chunk is re-read from cache by the exp pass.
 constexpr int64_t kRowChunk = 1 << 13;          // kRows: 8192 elements, 32 KB in float
 constexpr int64_t kChannelsLastChunk = 1 << 9;  // kChannelsLast: 512 positions x one vector
+// Groups of rows whose per-row last step (the forward's store_rows, the backward's
+// row_coefficients) runs in one call: independent latency chains (log, exp, division) that
+// overlap, where one group's stalled the loop (7x7 kernels 3-7 % faster, 1 thread).
+constexpr int64_t kGroupsPerBatch = 4;
 
 
 // exp(x) for x <= 0 (or NaN): the hot spot of the backward.
@@ -342,10 +346,8 @@ void forward_rows(const ForwardParams& p) {
   const int64_t group_size = L <= kShortRow || rows >= 64 * kGroup ? kGroup : 1;
   const int64_t groups = (rows + group_size - 1) / group_size;
   const int64_t group_grain = std::max<int64_t>(1, grain / group_size);
-  // The states of up to four groups are finished in one store_rows call: four independent
-  // chains of log, exp and division, whose latencies then overlap where one group's
-  // stalled the loop (7x7 float32 forward kernel 7 % faster, 1 thread).
-  constexpr int64_t kFinished = 4 * kGroup;
+  // The states of up to kGroupsPerBatch groups are finished in one store_rows call.
+  constexpr int64_t kFinished = kGroupsPerBatch * kGroup;
   at::parallel_for(0, groups, group_grain, [&](int64_t begin, int64_t end) {
     acc_t m[kFinished], s[kFinished], t[kFinished];
     int64_t batch_first = begin * group_size, batched = 0;  // the rows in m, s and t
@@ -440,10 +442,8 @@ void forward_channels_last(const ForwardParams& p) {
 
 // Rows whose coefficients are computed together (one float vector's worth).
 constexpr int64_t kCoefGroup = 16;
-// Rows whose coefficients one row_coefficients call computes, at most: four groups, four
-// independent chains of exp and multiplies whose latencies overlap.
-constexpr int64_t kCoefGroupsPerBatch = 4;
-constexpr int64_t kCoefBatch = kCoefGroupsPerBatch * kCoefGroup;
+// Rows whose coefficients one row_coefficients call computes, at most.
+constexpr int64_t kCoefBatch = kGroupsPerBatch * kCoefGroup;
 
 // backward_coefficient() of entropy_state.h for the `count` <= kCoefBatch consecutive rows
 // from `first` (sample n, channel c), several rows per vector: a scalar exp and division
@@ -713,9 +713,8 @@ void backward_rows(const BackwardParams& p) {
   }
 
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-    // The coefficients of up to four groups at a time, rows batch_first .. batch_end - 1
-    // (group_size <= kCoefGroup, so they fit; backward kernel 3 % faster on 7x7 rows, 1
-    // thread).
+    // The coefficients of up to kGroupsPerBatch groups at a time, rows batch_first ..
+    // batch_end - 1 (group_size <= kCoefGroup, so they fit in kCoefBatch).
     acc_t batch_coef[kCoefBatch];
     int64_t batch_first = 0, batch_end = 0;
     const int64_t range_end = std::min(rows, end * group_size);
@@ -724,7 +723,7 @@ void backward_rows(const BackwardParams& p) {
       int64_t n = first / C, c = first % C;  // advanced with the row: no division per row
       if (first >= batch_end) {
         batch_first = first;
-        batch_end = std::min(range_end, first + kCoefGroupsPerBatch * group_size);
+        batch_end = std::min(range_end, first + kGroupsPerBatch * group_size);
         row_coefficients<scalar_t>(p, first, batch_end - first, n, c, batch_coef);
       }
       const acc_t* coef = batch_coef + (first - batch_first);
