@@ -535,21 +535,27 @@ def test_same_bits_every_call_and_every_thread_count(layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_short_rows_same_bits_when_thread_ranges_split_the_finishing_batches(dtype):
-    """The kernels finish (forward) and take coefficients for (backward) four groups of rows
-    at a time, counted from where a thread's range starts: 130 groups of 16 7x7 rows and a
-    partial one, split over 1, 2 and 3 threads, start those batches at different groups.
-    A row put in another row's slot would change bits between thread counts."""
+def test_short_rows_same_bits_wherever_a_row_falls_among_groups_batches_and_chunks(dtype):
+    """The kernels take rows in groups of 16, finish (forward) and take coefficients for
+    (backward) four groups at a time, and hand chunks of groups to threads as they ask. A
+    row's bits must depend on none of it. 2085 7x7 rows (130 groups of 16 and a partial
+    one) on 1, 2 and 3 threads; and without the first sample, which moves every row 417
+    rows earlier: into another lane, group, batch and chunk."""
     x = random_input((5, 417, 7, 7), dtype).requires_grad_(True)  # 2085 rows
     weights = [torch.randn(5, 417, dtype=dtype) for _ in range(3)]
+
+    def stats_and_grad(x, weights):
+        stats = sparsity_ext.channel_stats(x)
+        return [t.detach() for t in stats] + list(torch.autograd.grad(tuple(stats), x, weights))
+
     threads = torch.get_num_threads()
     results = []
     try:
         for n in [1, 2, 3]:
             torch.set_num_threads(n)
-            stats = sparsity_ext.channel_stats(x)
-            results.append([t.detach() for t in stats]
-                           + list(torch.autograd.grad(tuple(stats), x, weights)))
+            results.append(stats_and_grad(x, weights))
+            moved = stats_and_grad(x[1:], [w[1:] for w in weights])
+            assert all(torch.equal(a[1:], b) for a, b in zip(results[-1], moved))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:

@@ -31,6 +31,7 @@
 
 #include "../entropy_state.h"
 #include "avx512_short_rows.h"
+#include "parallel_chunks.h"
 #include "store_from_float.h"
 
 namespace sparsity_ext {
@@ -348,7 +349,7 @@ void forward_rows(const ForwardParams& p) {
   const int64_t group_grain = std::max<int64_t>(1, grain / group_size);
   // The states of up to kGroupsPerBatch groups are finished in one store_rows call.
   constexpr int64_t kFinished = kGroupsPerBatch * kGroup;
-  at::parallel_for(0, groups, group_grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(groups, group_grain, [&](int64_t begin, int64_t end) {
     acc_t m[kFinished], s[kFinished], t[kFinished];
     int64_t batch_first = begin * group_size, batched = 0;  // the rows in m, s and t
     for (int64_t group = begin; group < end; ++group) {
@@ -389,7 +390,7 @@ void forward_channels_last(const ForwardParams& p) {
   const int64_t blocks = (C + W - 1) / W;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * W));
 
-  at::parallel_for(0, p.batch * blocks, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(p.batch * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks, c0 = (item % blocks) * W;
       const int64_t lanes = std::min(W, C - c0);
@@ -712,7 +713,7 @@ void backward_rows(const BackwardParams& p) {
     for (int32_t e = 0; e < kCoefGroup * L + 32; ++e) lane_rows[e] = e / static_cast<int32_t>(L);
   }
 
-  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(groups, grain, [&](int64_t begin, int64_t end) {
     // The coefficients of up to kGroupsPerBatch groups at a time, rows batch_first ..
     // batch_end - 1 (group_size <= kCoefGroup, so they fit in kCoefBatch).
     acc_t batch_coef[kCoefBatch];
@@ -775,7 +776,7 @@ void backward_channels_last(const BackwardParams& p) {
   const int64_t blocks = (C + W - 1) / W;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * W));
 
-  at::parallel_for(0, p.batch * blocks, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(p.batch * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks, c0 = (item % blocks) * W;
       const int64_t lanes = std::min(W, C - c0);

@@ -33,6 +33,7 @@
 
 #include "../l1_state.h"
 #include "avx512_short_rows.h"
+#include "parallel_chunks.h"
 #include "store_from_float.h"
 
 namespace sparsity_ext {
@@ -230,7 +231,7 @@ void forward_rows(const L1ForwardParams& p) {
   const int64_t group_size = L <= kShortRow || rows >= 64 * kGroup ? kGroup : 1;
   const int64_t groups = (rows + group_size - 1) / group_size;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * group_size));
-  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(groups, grain, [&](int64_t begin, int64_t end) {
     RowSums<acc_t> sums;
     Vec v[P::kVecs];
     for (int64_t group = begin; group < end; ++group) {
@@ -276,7 +277,7 @@ void forward_channels_last(const L1ForwardParams& p) {
   const int64_t C = p.channels, L = p.positions, step = p.x_strides.position;
   const int64_t blocks = (C + W - 1) / W;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * W));
-  at::parallel_for(0, p.batch * blocks, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(p.batch * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks, c0 = (item % blocks) * W;
       const int64_t lanes = std::min(W, C - c0);
@@ -352,7 +353,7 @@ void backward_rows(const L1BackwardParams& p) {
   const int64_t L = p.positions, C = p.channels, rows = p.batch * C;
   const RowStrides &xs = p.x_strides, &gs = p.grad_x_strides;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / L);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / C, c = row % C;
       const Vec mean_log(stats[kL1MeanLog * rows + row]);
@@ -382,7 +383,7 @@ void backward_channels_last(const L1BackwardParams& p) {
   const int64_t C = p.channels, L = p.positions, rows = p.batch * C;
   const int64_t blocks = (C + W - 1) / W;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * W));
-  at::parallel_for(0, p.batch * blocks, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(p.batch * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks, c0 = (item % blocks) * W;
       const int64_t lanes = std::min(W, C - c0);

@@ -23,6 +23,7 @@
 
 #include "../l1_stats_params.h"
 #include "avx512_short_rows.h"
+#include "parallel_chunks.h"
 
 namespace sparsity_ext {
 namespace {
@@ -149,7 +150,7 @@ bool fused(const ForwardParams& x, const MonitorSumsParams& p) {
     const int64_t rows = x.batch * x.channels, groups = (rows + 15) / 16;
     const int64_t blocks = (groups + kGroupsPerBlock - 1) / kGroupsPerBlock;
     std::vector<std::array<double, kSummed>> block_sums(blocks);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    parallel_chunks(blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
         __m512 acc[kSummed];
         for (int c = 0; c < kSummed; ++c) acc[c] = _mm512_setzero_ps();
