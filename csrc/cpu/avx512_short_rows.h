@@ -1,11 +1,14 @@
-// AVX-512 pieces shared by the CPU kernel files (channel_stats, l1_stats, monitor_sums):
-// the float exp and log they use, and the reader that hands over a group of short rows one
-// position at a time, a row per lane. Included only by kernel files, inside their
-// per-capability build (cpu_capability.h): everything here is in an anonymous namespace,
-// so each build keeps its own copy.
+// Pieces shared by the CPU kernel files (channel_stats, l1_stats, monitor_sums): how rows
+// are grouped and how a backward walks them, for every capability; and on AVX-512 the
+// float exp and log they use, the reader that hands over a group of short rows one position
+// at a time, a row per lane, and the walk of short rows as one run of vectors. Included
+// only by kernel files, inside their per-capability build (cpu_capability.h): everything
+// here is in an anonymous namespace, so each build keeps its own copy.
 #pragma once
 
 #include <cstdint>
+
+#include "../channel_stats_params.h"
 
 namespace sparsity_ext {
 namespace {
@@ -14,6 +17,54 @@ namespace {
 // and no partial vector per row, which is what a row-at-a-time loop spends most of its
 // time on at this length.
 constexpr int64_t kShortRow = 64;
+
+// Rows per group of a kernel over rows laid out kRows: `group` (one vector's worth, whose
+// per-row last step runs together), except when the rows are long and few: then one, so
+// that they spread over the threads. The groups depend on the shape only, never on the
+// thread count, so neither does which path a row takes.
+inline int64_t row_group_size(int64_t L, int64_t rows, int64_t group) {
+  return L <= kShortRow || rows >= 64 * group ? group : 1;
+}
+
+// The backward of one row: grad = element(v) for each vector v of the row's L elements,
+// read and written a pack P at a time (the kernel file's Pack: kVecs vectors per pack).
+template <typename P, typename scalar_t, typename Element>
+inline void walk_row(const scalar_t* x, scalar_t* grad_x, int64_t L, Element&& element) {
+  typename P::Vec v[P::kVecs];
+  for (int64_t i = 0; i < L; i += P::kWidth) {
+    const int64_t count = L - i < P::kWidth ? L - i : P::kWidth;
+    P::load(x + i, count, v);
+    for (int k = 0; k < P::kVecs; ++k) v[k] = element(v[k]);
+    P::store(grad_x + i, count, v);
+  }
+}
+
+// Whether every row of x, and of grad_x, starts where the one before it ends.
+inline bool rows_form_one_run(const BackwardParams& p) {
+  const int64_t L = p.positions, C = p.channels;
+  const RowStrides &xs = p.x_strides, &gs = p.grad_x_strides;
+  return xs.channel == L && gs.channel == L &&
+         (p.batch == 1 || (xs.batch == C * L && gs.batch == C * L));
+}
+
+// Whether a backward walks its short rows a group of up to 16 at a time as one run of full
+// vectors (walk_run below: AVX-512, float accumulation, rows that lie end to end), and
+// rows[e] = e / L, the row of element e of a run, for the 16 L + 32 elements a walk can
+// reach (a pack of 32 may start at element 16 L - 1). Shared read-only by the threads.
+struct ShortRun {
+  static constexpr int64_t kMaxElements = kShortRow * 16 + 32;
+  bool applies = false;
+  alignas(64) int32_t rows[kMaxElements];
+
+  ShortRun(const BackwardParams& p, [[maybe_unused]] bool float_accumulation) {
+#if defined(CPU_CAPABILITY_AVX512)
+    applies = float_accumulation && p.positions <= kShortRow && rows_form_one_run(p);
+#endif
+    if (!applies) return;
+    const int32_t L = static_cast<int32_t>(p.positions);
+    for (int32_t e = 0; e < 16 * L + 32; ++e) rows[e] = e / L;
+  }
+};
 }  // namespace
 }  // namespace sparsity_ext
 
@@ -27,8 +78,6 @@ constexpr int64_t kShortRow = 64;
 #include <cstdint>
 #include <limits>
 #include <type_traits>
-
-#include "../channel_stats_params.h"
 
 namespace sparsity_ext {
 namespace {
@@ -265,6 +314,29 @@ inline void l1_step(__m512 x, __m512& sum, __m512& xlog2x, __m512& total, __m512
   xlog2x = _mm512_mask3_fmadd_ps(x, log_a, xlog2x, live_lanes);
   total = _mm512_add_ps(total, x);
   live = _mm512_mask_add_ps(live, live_lanes, live, one);
+}
+
+// The backward of `count` <= 16 short rows from row `first` where run.applies: walks the
+// run's count * L elements as packs P of full vectors whose lanes may belong to different
+// rows, grad = element(v, lane_rows) with lane j of lane_rows the row (0 .. count - 1) of
+// lane j. A row-at-a-time loop would spend a partial vector and the per-row setup on every
+// 49-position row.
+template <typename scalar_t, typename P, typename Element>
+inline void walk_run(const BackwardParams& p, const ShortRun& run, int64_t first, int64_t count,
+                     Element&& element) {
+  const int64_t L = p.positions, n = first / p.channels, c = first % p.channels;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x) + n * p.x_strides.batch + c * L;
+  scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x) + n * p.grad_x_strides.batch + c * L;
+  const int64_t total = count * L;
+  typename P::Vec v[P::kVecs];
+  for (int64_t i = 0; i < total; i += P::kWidth) {
+    const int64_t lanes = std::min(P::kWidth, total - i);
+    P::load(x + i, lanes, v);
+    for (int k = 0; k < P::kVecs; ++k) {
+      v[k] = element(__m512(v[k]), _mm512_load_si512(run.rows + i + k * 16));
+    }
+    P::store(grad_x + i, lanes, v);
+  }
 }
 
 }  // namespace

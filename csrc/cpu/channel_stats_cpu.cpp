@@ -32,6 +32,7 @@
 #include "../entropy_state.h"
 #include "avx512_short_rows.h"
 #include "parallel_chunks.h"
+#include "row_grads.h"
 #include "store_from_float.h"
 
 namespace sparsity_ext {
@@ -338,13 +339,9 @@ void forward_rows(const ForwardParams& p) {
   const int64_t L = p.positions, C = p.channels;
   const RowStrides& xs = p.x_strides;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / L);
-  // Rows are finished kGroup at a time, except when they are long and few: then one by
-  // one, so that they spread over the threads. The groups are fixed, not cut where a
-  // thread's range starts, so which path a short row takes never depends on the thread
-  // count (a long row's result does not depend on its group at all).
   constexpr int64_t kGroup = Vectorized<acc_t>::size();
   const int64_t rows = p.batch * C;
-  const int64_t group_size = L <= kShortRow || rows >= 64 * kGroup ? kGroup : 1;
+  const int64_t group_size = row_group_size(L, rows, kGroup);  // rows finished together
   const int64_t groups = (rows + group_size - 1) / group_size;
   const int64_t group_grain = std::max<int64_t>(1, grain / group_size);
   // The states of up to kGroupsPerBatch groups are finished in one store_rows call.
@@ -457,22 +454,8 @@ void row_coefficients(const BackwardParams& p, int64_t first, int64_t count, int
   constexpr int64_t V = Vec::size();
   const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
   const int64_t rows = p.batch * p.channels;
-  const scalar_t* grads[3] = {static_cast<const scalar_t*>(p.grad_entropy),
-                              static_cast<const scalar_t*>(p.grad_perplexity),
-                              static_cast<const scalar_t*>(p.grad_sparsity)};
   acc_t g[3][kCoefBatch];
-  for (int k = 0; k < 3; ++k) {
-    const int64_t* strides = p.grad_strides[k];
-    if (strides[1] == 1 && (strides[0] == p.channels || p.batch == 1)) {  // contiguous
-      const scalar_t* from = grads[k] + first;
-      for (int64_t j = 0; j < count; ++j) g[k][j] = static_cast<acc_t>(from[j]);
-      continue;
-    }
-    int64_t nj = n, cj = c;
-    for (int64_t j = 0; j < count; ++j, cj = cj + 1 == p.channels ? (++nj, 0) : cj + 1) {
-      g[k][j] = static_cast<acc_t>(grads[k][nj * strides[0] + cj * strides[1]]);
-    }
-  }
+  load_row_grads<scalar_t>(p, first, count, n, c, g);
   // L == 1: no sparsity term (its factor 1 / (L - 1) would be infinite).
   const Vec sparsity_scale(p.positions > 1 ? acc_t(1) / static_cast<acc_t>(p.positions - 1)
                                            : acc_t(0));
@@ -643,76 +626,20 @@ inline void with_grad_terms(const float* row_max, const float* log_sum, const fl
 }
 #endif
 
-// Short rows (L <= kShortRow) whose `count` <= kCoefGroup rows from `first` are one run of
-// consecutive elements in both x and grad_x (contiguous rows): the run is walked as full
-// vectors whose lanes may belong to different rows, each lane taking its row's terms from
-// the group's vectors by a permute. A row-at-a-time loop would spend a partial vector and
-// the per-row setup on every 49-position row. `lane_rows[e]` = e / L, the row of element e
-// of the run (16 L + 32 entries: a pack of 32 may start at element 16 L - 1). Returns false
-// where it does not apply.
-template <typename scalar_t>
-bool backward_short_group(const BackwardParams& p, int64_t first, int64_t count,
-                          const acc_type<scalar_t>* coef, const int32_t* lane_rows) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
-    return false;
-  } else {
-    using P = Pack<scalar_t>;
-    using Vec = Vectorized<float>;
-    constexpr int64_t W = P::kWidth;
-    const int64_t L = p.positions, C = p.channels, rows = p.batch * C;
-    const RowStrides &xs = p.x_strides, &gs = p.grad_x_strides;
-    const bool one_run = xs.channel == L && gs.channel == L &&
-                         (p.batch == 1 || (xs.batch == C * L && gs.batch == C * L));
-    if (L > kShortRow || !one_run) return false;
-    const float* stats = static_cast<const float*>(p.row_stats);
-    const int64_t n = first / C, c = first % C;
-    const scalar_t* x = static_cast<const scalar_t*>(p.x) + n * xs.batch + c * L;
-    scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x) + n * gs.batch + c * L;
-    const int64_t total = count * L;
-    with_grad_terms(stats + first, stats + rows + first, stats + 2 * rows + first, coef, count,
-                    [&](const auto& terms) {
-                      Vec v[P::kVecs];
-                      for (int64_t i = 0; i < total; i += W) {
-                        const int64_t lanes = std::min(W, total - i);
-                        P::load(x + i, lanes, v);
-                        for (int k = 0; k < P::kVecs; ++k) {
-                          const __m512i row = _mm512_load_si512(lane_rows + i + k * 16);
-                          v[k] = terms.permuted(row)(v[k]);
-                        }
-                        P::store(grad_x + i, lanes, v);
-                      }
-                    });
-    return true;
-  }
-#else
-  return false;
-#endif
-}
-
 template <typename scalar_t>
 void backward_rows(const BackwardParams& p) {
   using P = Pack<scalar_t>;
   using acc_t = typename P::acc_t;
   using Vec = typename P::Vec;
-  constexpr int64_t W = P::kWidth;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x);
   const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
   const int64_t L = p.positions, C = p.channels, rows = p.batch * C;
   const RowStrides &xs = p.x_strides, &gs = p.grad_x_strides;
-  // As in forward_rows: rows kCoefGroup at a time unless they are long and few.
-  const int64_t group_size = L <= kShortRow || rows >= 64 * kCoefGroup ? kCoefGroup : 1;
+  const int64_t group_size = row_group_size(L, rows, kCoefGroup);  // with terms in one vector
   const int64_t groups = (rows + group_size - 1) / group_size;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * group_size));
-
-  // The row of each element of a run of short rows (backward_short_group), shared read-only
-  // by the threads.
-  alignas(64) int32_t lane_rows[kShortRow * kCoefGroup + 32];
-  if (std::is_same_v<acc_t, float> && L <= kShortRow) {
-    for (int32_t e = 0; e < kCoefGroup * L + 32; ++e) lane_rows[e] = e / static_cast<int32_t>(L);
-  }
-
+  const ShortRun run(p, std::is_same_v<acc_t, float>);  // walk_run's, where it applies
   parallel_chunks(groups, grain, [&](int64_t begin, int64_t end) {
     // The coefficients of up to kGroupsPerBatch groups at a time, rows batch_first ..
     // batch_end - 1 (group_size <= kCoefGroup, so they fit in kCoefBatch).
@@ -728,25 +655,23 @@ void backward_rows(const BackwardParams& p) {
         row_coefficients<scalar_t>(p, first, batch_end - first, n, c, batch_coef);
       }
       const acc_t* coef = batch_coef + (first - batch_first);
-      if (backward_short_group<scalar_t>(p, first, count, coef, lane_rows)) continue;
       const auto rows_pass = [&](const auto& terms_of_row) {  // terms_of_row(j): row first + j
         for (int64_t j = 0; j < count; ++j, c = c + 1 == C ? (++n, 0) : c + 1) {
-          const auto terms = terms_of_row(j);
-          const scalar_t* xr = x + n * xs.batch + c * xs.channel;
-          scalar_t* gr = grad_x + n * gs.batch + c * gs.channel;
-          Vec v[P::kVecs];
-          for (int64_t i = 0; i < L; i += W) {
-            const int64_t count_i = std::min(W, L - i);
-            P::load(xr + i, count_i, v);
-            for (int k = 0; k < P::kVecs; ++k) v[k] = terms(v[k]);
-            P::store(gr + i, count_i, v);
-          }
+          walk_row<P>(x + n * xs.batch + c * xs.channel, grad_x + n * gs.batch + c * gs.channel, L,
+                      terms_of_row(j));
         }
       };
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<acc_t, float>) {
         with_grad_terms(stats + first, stats + rows + first, stats + 2 * rows + first, coef, count,
                         [&](const auto& group) {
+                          if (run.applies) {
+                            walk_run<scalar_t, P>(p, run, first, count,
+                                                  [&](__m512 v, __m512i lane_rows) {
+                                                    return group.permuted(lane_rows)(v);
+                                                  });
+                            return;
+                          }
                           rows_pass([&](int64_t j) {
                             return group.permuted(_mm512_set1_epi32(static_cast<int>(j)));
                           });

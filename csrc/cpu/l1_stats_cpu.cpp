@@ -34,6 +34,7 @@
 #include "../l1_state.h"
 #include "avx512_short_rows.h"
 #include "parallel_chunks.h"
+#include "row_grads.h"
 #include "store_from_float.h"
 
 namespace sparsity_ext {
@@ -225,10 +226,7 @@ void forward_rows(const L1ForwardParams& p) {
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   const int64_t L = p.positions, C = p.channels, rows = p.batch * C;
   const RowStrides& xs = p.x_strides;
-  // Rows are finished kGroup at a time, except when they are long and few: then one by one,
-  // so that they spread over the threads. The groups depend on the shape only, never on the
-  // thread count, so neither does which path a row takes.
-  const int64_t group_size = L <= kShortRow || rows >= 64 * kGroup ? kGroup : 1;
+  const int64_t group_size = row_group_size(L, rows, kGroup);  // rows finished together
   const int64_t groups = (rows + group_size - 1) / group_size;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * group_size));
   parallel_chunks(groups, grain, [&](int64_t begin, int64_t end) {
@@ -307,19 +305,36 @@ void forward_channels_last(const L1ForwardParams& p) {
 
 // --- backward -----------------------------------------------------------------------
 
+// Rows whose coefficients one row_coefficients call computes, at most.
+constexpr int64_t kCoefGroup = 16;
+
+// l1_backward_coefficient() of l1_state.h for the `count` <= kCoefGroup consecutive rows
+// from `first` (sample n, channel c), several rows per vector: a scalar log, exp and
+// division per row cost about as much as a 7x7 row's elements.
 template <typename scalar_t>
-acc_type<scalar_t> row_coefficient(const L1BackwardParams& p, int64_t n, int64_t c) {
+void row_coefficients(const L1BackwardParams& p, int64_t first, int64_t count, int64_t n,
+                      int64_t c, acc_type<scalar_t>* coef) {
   using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
   const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
-  const int64_t rows = p.batch * p.channels, row = n * p.channels + c;
-  const void* grads[3] = {p.grad_entropy, p.grad_perplexity, p.grad_sparsity};
-  acc_t g[3];
-  for (int k = 0; k < 3; ++k) {
-    const int64_t at = n * p.grad_strides[k][0] + c * p.grad_strides[k][1];
-    g[k] = static_cast<acc_t>(static_cast<const scalar_t*>(grads[k])[at]);
+  const int64_t rows = p.batch * p.channels, L = p.positions;
+  acc_t g[3][kCoefGroup];
+  load_row_grads<scalar_t>(p, first, count, n, c, g);
+  for (int64_t j = 0; j < count; j += V) {
+    const int64_t k = std::min(V, count - j);
+    const Vec sum = Vec::loadu(stats + kL1Sum * rows + first + j, k);
+    const Vec mean_log = Vec::loadu(stats + kL1MeanLog * rows + first + j, k);
+    const Vec perplexity = (sum.log() - mean_log).exp();
+    Vec sum_g = Vec::loadu(g[0] + j, k) + perplexity * Vec::loadu(g[1] + j, k);
+    if (L > 1) {
+      sum_g = sum_g - perplexity * Vec::loadu(g[2] + j, k) / Vec(static_cast<acc_t>(L - 1));
+    }
+    Vec result = sum_g.neg() / sum;
+    if (L <= 1) result = result * Vec(0);
+    // A dead row (S == 0) gets 0 whatever its gradients (its x_i <= 0 get 0 anyway).
+    Vec::blendv(result, Vec(0), sum == Vec(0)).store(coef + j, k);
   }
-  return l1_backward_coefficient<acc_t>(stats[kL1Sum * rows + row], stats[kL1MeanLog * rows + row],
-                                        g[0], g[1], g[2], p.positions);
 }
 
 // l1_grad_element of l1_state.h, one vector of x at a time.
@@ -346,26 +361,38 @@ void backward_rows(const L1BackwardParams& p) {
   using P = Pack<scalar_t>;
   using acc_t = typename P::acc_t;
   using Vec = typename P::Vec;
-  constexpr int64_t W = P::kWidth;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x);
   const acc_t* stats = static_cast<const acc_t*>(p.row_stats);
   const int64_t L = p.positions, C = p.channels, rows = p.batch * C;
   const RowStrides &xs = p.x_strides, &gs = p.grad_x_strides;
-  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / L);
-  parallel_chunks(rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / C, c = row % C;
-      const Vec mean_log(stats[kL1MeanLog * rows + row]);
-      const Vec coef(row_coefficient<scalar_t>(p, n, c));
-      const scalar_t* xr = x + n * xs.batch + c * xs.channel;
-      scalar_t* gr = grad_x + n * gs.batch + c * gs.channel;
-      Vec v[P::kVecs];
-      for (int64_t i = 0; i < L; i += W) {
-        const int64_t count = std::min(W, L - i);
-        P::load(xr + i, count, v);
-        for (int k = 0; k < P::kVecs; ++k) v[k] = grad_elements(v[k], mean_log, coef);
-        P::store(gr + i, count, v);
+  const int64_t group_size = row_group_size(L, rows, kCoefGroup);  // coefficients in one call
+  const int64_t groups = (rows + group_size - 1) / group_size;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (L * group_size));
+  const ShortRun run(p, std::is_same_v<acc_t, float>);  // walk_run's, where it applies
+  parallel_chunks(groups, grain, [&](int64_t begin, int64_t end) {
+    acc_t coef[kCoefGroup];
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * group_size, count = std::min(group_size, rows - first);
+      int64_t n = first / C, c = first % C;  // advanced with the row: no division per row
+      row_coefficients<scalar_t>(p, first, count, n, c, coef);
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (run.applies) {
+          const __m512 mean_log = Vec::loadu(stats + kL1MeanLog * rows + first, count);
+          const __m512 coefs = Vec::loadu(coef, count);
+          walk_run<scalar_t, P>(p, run, first, count, [&](__m512 v, __m512i lane_rows) {
+            return grad_elements<float>(v, _mm512_permutexvar_ps(lane_rows, mean_log),
+                                        _mm512_permutexvar_ps(lane_rows, coefs));
+          });
+          continue;
+        }
+      }
+#endif
+      for (int64_t j = 0; j < count; ++j, c = c + 1 == C ? (++n, 0) : c + 1) {
+        const Vec mean_log(stats[kL1MeanLog * rows + first + j]), row_coef(coef[j]);
+        walk_row<P>(x + n * xs.batch + c * xs.channel, grad_x + n * gs.batch + c * gs.channel, L,
+                    [&](const Vec& v) { return grad_elements(v, mean_log, row_coef); });
       }
     }
   });
@@ -391,7 +418,10 @@ void backward_channels_last(const L1BackwardParams& p) {
       alignas(64) acc_t lane_stats[2][W] = {};
       for (int64_t j = 0; j < lanes; ++j) {
         lane_stats[0][j] = stats[kL1MeanLog * rows + n * C + c0 + j];
-        lane_stats[1][j] = row_coefficient<scalar_t>(p, n, c0 + j);
+      }
+      for (int64_t j = 0; j < lanes; j += kCoefGroup) {
+        row_coefficients<scalar_t>(p, n * C + c0 + j, std::min(kCoefGroup, lanes - j), n, c0 + j,
+                                   lane_stats[1] + j);
       }
       Vec mean_log[P::kVecs], coef[P::kVecs];
       for (int k = 0; k < P::kVecs; ++k) {
