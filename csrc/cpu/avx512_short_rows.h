@@ -18,9 +18,9 @@ namespace {
 // time on at this length.
 constexpr int64_t kShortRow = 64;
 
-// Rows per group of a kernel over rows laid out kRows: `group` (one vector's worth, whose
-// per-row last step runs together), except when the rows are long and few: then one, so
-// that they spread over the threads. The groups depend on the shape only, never on the
+// Rows per group of a kernel over rows laid out kRows: `group` (the rows whose per-row
+// last step runs together), except when the rows are long and few: then one, so that they
+// spread over the threads. The groups depend on the shape only, never on the
 // thread count, so neither does which path a row takes.
 inline int64_t row_group_size(int64_t L, int64_t rows, int64_t group) {
   return L <= kShortRow || rows >= 64 * group ? group : 1;
@@ -49,12 +49,12 @@ inline bool rows_form_one_run(const BackwardParams& p) {
 
 // Whether a backward walks its short rows a group of up to 16 at a time as one run of full
 // vectors (walk_run below: AVX-512, float accumulation, rows that lie end to end), and
-// rows[e] = e / L, the row of element e of a run, for the 16 L + 32 elements a walk can
+// row_of[e] = e / L, the row of element e of a run, for the 16 L + 32 elements a walk can
 // reach (a pack of 32 may start at element 16 L - 1). Shared read-only by the threads.
 struct ShortRun {
   static constexpr int64_t kMaxElements = kShortRow * 16 + 32;
   bool applies = false;
-  alignas(64) int32_t rows[kMaxElements];
+  alignas(64) int32_t row_of[kMaxElements];
 
   ShortRun(const BackwardParams& p, [[maybe_unused]] bool float_accumulation) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -62,7 +62,7 @@ struct ShortRun {
 #endif
     if (!applies) return;
     const int32_t L = static_cast<int32_t>(p.positions);
-    for (int32_t e = 0; e < 16 * L + 32; ++e) rows[e] = e / L;
+    for (int32_t e = 0; e < 16 * L + 32; ++e) row_of[e] = e / L;
   }
 };
 }  // namespace
@@ -333,7 +333,7 @@ inline void walk_run(const BackwardParams& p, const ShortRun& run, int64_t first
     const int64_t lanes = std::min(P::kWidth, total - i);
     P::load(x + i, lanes, v);
     for (int k = 0; k < P::kVecs; ++k) {
-      v[k] = element(__m512(v[k]), _mm512_load_si512(run.rows + i + k * 16));
+      v[k] = element(__m512(v[k]), _mm512_load_si512(run.row_of + i + k * 16));
     }
     P::store(grad_x + i, lanes, v);
   }

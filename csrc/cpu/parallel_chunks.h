@@ -15,13 +15,13 @@
 #include <memory>
 
 namespace sparsity_ext {
+namespace {  // compiled once per CPU capability (cpu_capability.h): each build its own copy
 
-// Calls f(begin, end) once on each chunk [k chunk, (k + 1) chunk) of [0, n) (the last one
-// shorter), on up to at::get_num_threads() threads, as at::parallel_for(0, n, chunk, f)
-// would but with chunk-sized calls. Each thread takes the chunks of its own equal share
-// in order, then those left in the other shares, from their fronts. Which thread runs a
-// chunk, and in which order chunks run, must not matter to f; its results must depend only
-// on the chunk.
+// Calls f(begin, end) once on each chunk [k chunk, min(n, (k + 1) chunk)) of [0, n), on up
+// to at::get_num_threads() threads: a thread takes the chunks of its own equal share in
+// order, then, from their fronts, those left in the others' shares. Which thread runs a
+// chunk, and in which order chunks run, must not matter to f: its results may depend on
+// the chunk only (the chunks are fixed by n and chunk, whatever the thread count).
 template <typename F>
 void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
   if (n <= 0) return;
@@ -32,8 +32,8 @@ void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
     for (int64_t k = 0; k < chunks; ++k) f(k * chunk, std::min(n, (k + 1) * chunk));
     return;
   }
-  // The next chunk of each share, on its own cache line: only its owner touches it until
-  // it runs out of its own chunks.
+  // The next chunk of each share, each on its own cache line: its owner's until another
+  // thread has run out of chunks.
   struct alignas(64) Next {
     std::atomic<int64_t> chunk;
   };
@@ -52,4 +52,5 @@ void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
   });
 }
 
+}  // namespace
 }  // namespace sparsity_ext

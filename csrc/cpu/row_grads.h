@@ -9,8 +9,8 @@
 namespace sparsity_ext {
 namespace {
 
-// g[k][j] = grad k (entropy, perplexity, sparsity) of row first + j, j < count, as acc_t;
-// row `first` is sample n, channel c. Grads may have any strides (0 when expanded).
+// g[k][j] = grad k (entropy, perplexity, sparsity) of row first + j, j < count <= kMax, as
+// acc_t; row `first` is sample n, channel c. Grads may have any strides (0 when expanded).
 template <typename scalar_t, typename acc_t, int64_t kMax>
 inline void load_row_grads(const BackwardParams& p, int64_t first, int64_t count, int64_t n,
                            int64_t c, acc_t (&g)[3][kMax]) {
