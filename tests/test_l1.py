@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from testing import (DEVICES, DTYPES, assert_close_to_float64, compiled, reference,
-                     sparsity_ext, with_layout)
+from testing import (DEVICES, DTYPES, assert_close_to_float64, at_thread_counts, compiled,
+                     reference, sparsity_ext, with_layout)
 
 
 OUTPUTS = ("entropy", "perplexity", "sparsity")
@@ -459,15 +459,12 @@ def test_compile_fullgraph_forward_and_backward():
 def test_same_bits_every_call_and_every_thread_count(layout, shape, dtype):
     x = l1_input(shape, dtype, layout=layout)
     grads = [torch.randn(shape[:2]).to(dtype) for _ in OUTPUTS]
+    def outputs_stats_and_grad():
+        *outputs, stats = l1_forward(x)
+        return (*outputs, stats, l1_backward(x, stats, *grads))
+
     threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in [1, threads, 3, max(2, threads)]:
-            torch.set_num_threads(n)
-            *outputs, stats = l1_forward(x)
-            results.append((*outputs, stats, l1_backward(x, stats, *grads)))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts([1, threads, 3, max(2, threads)], outputs_stats_and_grad)
     for result in results[1:]:
         for a, b in zip(result, results[0]):
             assert torch.equal(a, b)

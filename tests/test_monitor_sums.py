@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from testing import DEVICES, DTYPES, LAYOUTS, compiled, random_input, sparsity_ext, with_layout
+from testing import (DEVICES, DTYPES, LAYOUTS, at_thread_counts, compiled, random_input,
+                     sparsity_ext, with_layout)
 
 ops = sparsity_ext.ops
 COLUMNS = len(ops.MONITOR_COLUMNS)
@@ -111,16 +112,12 @@ def test_a_nan_row_makes_the_measures_nan_and_counts_as_live():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_the_sums_do_not_depend_on_the_thread_count(dtype):
     x = random_input((8, 70, 7, 7), dtype)  # 560 rows: several blocks of the parallel loop
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            sums = torch.zeros(COLUMNS, dtype=torch.float64)
-            ops.monitor_sums_(sums, x)
-            results.append(sums)
-    finally:
-        torch.set_num_threads(threads)
+    def sums():
+        out = torch.zeros(COLUMNS, dtype=torch.float64)
+        ops.monitor_sums_(out, x)
+        return out
+
+    results = at_thread_counts([1, 2, 3], sums)
     assert all(torch.equal(r, results[0]) for r in results)
     assert_sums_close(results[0], expected_sums(x), x)
 

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from testing import (DEVICES, DTYPES, LAYOUTS, ROUNDING, assert_close_to_float64, compiled,
-                     low_precision_reference, random_input, reference, sparsity_ext, with_layout)
+from testing import (DEVICES, DTYPES, LAYOUTS, ROUNDING, assert_close_to_float64, at_thread_counts,
+                     compiled, low_precision_reference, random_input, reference, sparsity_ext,
+                     with_layout)
 
 SHAPES = [
     (2, 3, 7, 7),        # the short rows of late conv layers
@@ -521,15 +522,13 @@ def test_without_autograd_the_forward_op_is_called_directly(mode):
 def test_same_bits_every_call_and_every_thread_count(layout):
     x = with_layout(random_input((6, 24, 30, 30), torch.float32), layout).requires_grad_(True)
     g_out = torch.randn(6, 24)
+
+    def entropy_and_grad():
+        e = sparsity_ext.entropy(x)
+        return e.detach(), torch.autograd.grad(e, x, g_out)[0]
+
     threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in [1, threads, 1, max(2, threads)]:
-            torch.set_num_threads(n)
-            e = sparsity_ext.entropy(x)
-            results.append((e.detach(), torch.autograd.grad(e, x, g_out)[0]))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts([1, threads, 1, max(2, threads)], entropy_and_grad)
     for e, g in results[1:]:
         assert torch.equal(e, results[0][0]) and torch.equal(g, results[0][1])
 
@@ -548,16 +547,11 @@ def test_short_rows_same_bits_wherever_a_row_falls_among_groups_batches_and_chun
         stats = sparsity_ext.channel_stats(x)
         return [t.detach() for t in stats] + list(torch.autograd.grad(tuple(stats), x, weights))
 
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in [1, 2, 3]:
-            torch.set_num_threads(n)
-            results.append(stats_and_grad(x, weights))
-            moved = stats_and_grad(x[1:], [w[1:] for w in weights])
-            assert all(torch.equal(a[1:], b) for a, b in zip(results[-1], moved))
-    finally:
-        torch.set_num_threads(threads)
+    runs = at_thread_counts([1, 2, 3], lambda: (
+        stats_and_grad(x, weights), stats_and_grad(x[1:], [w[1:] for w in weights])))
+    for result, moved in runs:
+        assert all(torch.equal(a[1:], b) for a, b in zip(result, moved))
+    results = [result for result, _ in runs]
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
     xd = x.detach().double().requires_grad_(True)
@@ -617,13 +611,7 @@ def test_strided_short_rows_same_bits_for_every_thread_count_and_equal_rows(layo
     x = base.expand(301, 7, 7, 7) if layout == "expanded" else \
         torch.randn(7, 301, 7, 7).transpose(0, 1)
     threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in [1, max(2, threads), 3]:
-            torch.set_num_threads(n)
-            results.append(sparsity_ext.entropy(x))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts([1, max(2, threads), 3], lambda: sparsity_ext.entropy(x))
     for r in results[1:]:
         assert torch.equal(r, results[0])
     if layout == "expanded":  # every sample holds the same data: the same bits

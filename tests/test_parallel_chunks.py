@@ -3,9 +3,9 @@ every chunk runs exactly once with its exact bounds, whatever the thread count, 
 thread is held up in one chunk, another thread takes over the rest of its share."""
 
 import pytest
-import torch
 
 from sparsity_ext import _extension
+from testing import at_thread_counts
 
 pytestmark = pytest.mark.build  # compiles a small extension (about 30 s)
 
@@ -77,22 +77,13 @@ def scheduler(tmp_path_factory):
                               build_directory=str(folder))
 
 
-def with_threads(threads, fn):
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        return fn()
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 @pytest.mark.parametrize("n, chunk", [(0, 4), (1, 4), (7, 7), (100, 7), (1000, 1), (5, 100)])
 def test_every_chunk_runs_once_with_its_bounds(scheduler, threads, n, chunk):
-    flat = with_threads(threads, lambda: scheduler.calls_per_chunk(n, chunk))
+    flat, = at_thread_counts([threads], lambda: scheduler.calls_per_chunk(n, chunk))
     assert len(flat) == 2 * -(-n // chunk)
     assert flat == [1, 1] * (len(flat) // 2), flat
 
 
 def test_a_held_up_threads_share_is_taken_over(scheduler):
-    assert with_threads(2, lambda: scheduler.held_up_share_is_taken_over(64))
+    assert at_thread_counts([2], lambda: scheduler.held_up_share_is_taken_over(64)) == [True]

@@ -18,6 +18,19 @@ ROUNDING = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0
             torch.float64: 2.0**-52}
 
 
+def at_thread_counts(counts, fn) -> list:
+    """[fn() with torch.set_num_threads(n) for each n in counts], the count restored after."""
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(before)
+
+
 def compiled(device: str) -> bool:
     """True when the fused kernel (not the reference fallback) serves this device."""
     return _extension.kernel_available(device)
