@@ -47,17 +47,18 @@ inline bool rows_form_one_run(const BackwardParams& p) {
          (p.batch == 1 || (xs.batch == C * L && gs.batch == C * L));
 }
 
-// Whether a backward walks its short rows a group of up to 16 at a time as one run of full
-// vectors (walk_run below: AVX-512, float accumulation, rows that lie end to end), and
-// row_of[e] = e / L, the row of element e of a run, for the 16 L + 32 elements a walk can
-// reach (a pack of 32 may start at element 16 L - 1). Shared read-only by the threads.
+// Whether a backward walks its short rows a group of up to 16 (AVX-512) or 8 (AVX2) at a
+// time as one run of full vectors (walk_run below: float accumulation, rows that lie end
+// to end), and row_of[e] = e / L, the row of element e of a run, for the 16 L + 32
+// elements a walk can reach (a pack of 32 may start at element 16 L - 1). Shared read-only
+// by the threads.
 struct ShortRun {
   static constexpr int64_t kMaxElements = kShortRow * 16 + 32;
   bool applies = false;
   alignas(64) int32_t row_of[kMaxElements];
 
   ShortRun(const BackwardParams& p, [[maybe_unused]] bool float_accumulation) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     applies = float_accumulation && p.positions <= kShortRow && rows_form_one_run(p);
 #endif
     if (!applies) return;
@@ -65,6 +66,27 @@ struct ShortRun {
     for (int32_t e = 0; e < 16 * L + 32; ++e) row_of[e] = e / L;
   }
 };
+
+// The backward of `count` short rows from row `first` where run.applies: walks the run's
+// count * L elements as packs P of full vectors whose lanes may belong to different rows,
+// grad = element(v, lane_rows), lane j of v belonging to row lane_rows[j] (0 .. count - 1;
+// aligned to the vector, for an aligned load). A row-at-a-time loop would spend a partial
+// vector and the per-row setup on every 49-position row.
+template <typename scalar_t, typename P, typename Element>
+inline void walk_run(const BackwardParams& p, const ShortRun& run, int64_t first, int64_t count,
+                     Element&& element) {
+  const int64_t L = p.positions, n = first / p.channels, c = first % p.channels;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x) + n * p.x_strides.batch + c * L;
+  scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x) + n * p.grad_x_strides.batch + c * L;
+  const int64_t total = count * L;
+  typename P::Vec v[P::kVecs];
+  for (int64_t i = 0; i < total; i += P::kWidth) {
+    const int64_t lanes = total - i < P::kWidth ? total - i : P::kWidth;
+    P::load(x + i, lanes, v);
+    for (int k = 0; k < P::kVecs; ++k) v[k] = element(v[k], run.row_of + i + k * P::kLanes);
+    P::store(grad_x + i, lanes, v);
+  }
+}
 }  // namespace
 }  // namespace sparsity_ext
 
@@ -314,29 +336,6 @@ inline void l1_step(__m512 x, __m512& sum, __m512& xlog2x, __m512& total, __m512
   xlog2x = _mm512_mask3_fmadd_ps(x, log_a, xlog2x, live_lanes);
   total = _mm512_add_ps(total, x);
   live = _mm512_mask_add_ps(live, live_lanes, live, one);
-}
-
-// The backward of `count` <= 16 short rows from row `first` where run.applies: walks the
-// run's count * L elements as packs P of full vectors whose lanes may belong to different
-// rows, grad = element(v, lane_rows) with lane j of lane_rows the row (0 .. count - 1) of
-// lane j. A row-at-a-time loop would spend a partial vector and the per-row setup on every
-// 49-position row.
-template <typename scalar_t, typename P, typename Element>
-inline void walk_run(const BackwardParams& p, const ShortRun& run, int64_t first, int64_t count,
-                     Element&& element) {
-  const int64_t L = p.positions, n = first / p.channels, c = first % p.channels;
-  const scalar_t* x = static_cast<const scalar_t*>(p.x) + n * p.x_strides.batch + c * L;
-  scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x) + n * p.grad_x_strides.batch + c * L;
-  const int64_t total = count * L;
-  typename P::Vec v[P::kVecs];
-  for (int64_t i = 0; i < total; i += P::kWidth) {
-    const int64_t lanes = std::min(P::kWidth, total - i);
-    P::load(x + i, lanes, v);
-    for (int k = 0; k < P::kVecs; ++k) {
-      v[k] = element(__m512(v[k]), _mm512_load_si512(run.row_of + i + k * 16));
-    }
-    P::store(grad_x + i, lanes, v);
-  }
 }
 
 }  // namespace

@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "../entropy_state.h"
+#include "avx2_short_rows.h"
 #include "avx512_short_rows.h"
 #include "parallel_chunks.h"
 #include "row_grads.h"
@@ -327,6 +328,42 @@ bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
     Vectorized<float>(t).store(shifted, count);
     return true;
   }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
+    return false;
+  } else {
+    using Vec = Vectorized<float>;
+    ShortRowTiles8<scalar_t> rows;
+    if (!rows.init(p, first, count)) return false;
+    // Each position read once, kept transposed (position-major) for the exp pass.
+    alignas(32) float transposed[kShortRow * 8];
+    const Vec neg_inf(-std::numeric_limits<float>::infinity());
+    Vec vmax = neg_inf;
+    rows.for_each_position(neg_inf, [&](int64_t i, __m256 v) {
+      _mm256_store_ps(transposed + i * 8, v);
+      vmax = at::vec::maximum(Vec(v), vmax);  // NaN propagates: the row's sums are NaN
+    });
+    // A row of only masked positions shifts by 0 (no -inf - -inf), so its sum stays 0.
+    const Vec shift_by = Vec::blendv(vmax, Vec(0), vmax == neg_inf);
+    // Two accumulator pairs (even and odd positions), so the adds are not latency bound.
+    Vec s0(0), t0(0), s1(0), t1(0);
+    const int64_t L = p.positions;
+    int64_t i = 0;
+    for (; i + 2 <= L; i += 2) {
+      rows.prefetch_next(i);
+      rows.prefetch_next(i + 1);
+      accumulate(Vec::loadu(transposed + i * 8) - shift_by, s0, t0);
+      accumulate(Vec::loadu(transposed + (i + 1) * 8) - shift_by, s1, t1);
+    }
+    if (i < L) {
+      rows.prefetch_next(i);
+      accumulate(Vec::loadu(transposed + i * 8) - shift_by, s0, t0);
+    }
+    vmax.store(row_max, count);
+    (s0 + s1).store(sum, count);
+    (t0 + t1).store(shifted, count);
+    return true;
+  }
 #else
   return false;
 #endif
@@ -438,8 +475,9 @@ void forward_channels_last(const ForwardParams& p) {
 
 // --- backward -----------------------------------------------------------------------
 
-// Rows whose coefficients are computed together (one float vector's worth).
-constexpr int64_t kCoefGroup = 16;
+// Rows whose coefficients are computed together (one float vector's worth: 16 on AVX-512,
+// 8 otherwise), and the rows a backward takes as one group: their terms fit in one vector.
+constexpr int64_t kCoefGroup = Vectorized<float>::size();
 // Rows whose coefficients one row_coefficients call computes, at most.
 constexpr int64_t kCoefBatch = kGroupsPerBatch * kCoefGroup;
 
@@ -499,6 +537,12 @@ struct GradTerms {
     static_assert(std::is_same_v<acc_t, float>);
     return {_mm512_permutexvar_ps(rows, row_max), _mm512_permutexvar_ps(rows, log_sum),
             _mm512_permutexvar_ps(rows, coef), _mm512_permutexvar_ps(rows, mean_shift)};
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  GradTerms permuted(__m256i rows) const {
+    static_assert(std::is_same_v<acc_t, float>);
+    return {_mm256_permutevar8x32_ps(row_max, rows), _mm256_permutevar8x32_ps(log_sum, rows),
+            _mm256_permutevar8x32_ps(coef, rows), _mm256_permutevar8x32_ps(mean_shift, rows)};
   }
 #endif
 
@@ -667,8 +711,9 @@ void backward_rows(const BackwardParams& p) {
                         [&](const auto& group) {
                           if (run.applies) {
                             walk_run<scalar_t, P>(p, run, first, count,
-                                                  [&](__m512 v, __m512i lane_rows) {
-                                                    return group.permuted(lane_rows)(v);
+                                                  [&](__m512 v, const int32_t* lane_rows) {
+                                                    return group.permuted(
+                                                        _mm512_load_si512(lane_rows))(v);
                                                   });
                             return;
                           }
@@ -677,6 +722,18 @@ void backward_rows(const BackwardParams& p) {
                           });
                         });
         continue;
+      }
+#elif defined(CPU_CAPABILITY_AVX2)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (run.applies) {
+          const auto group = GradTerms<float>::of(
+              Vec::loadu(stats + first, count), Vec::loadu(stats + rows + first, count),
+              Vec::loadu(stats + 2 * rows + first, count), Vec::loadu(coef, count));
+          walk_run<scalar_t, P>(p, run, first, count, [&](const Vec& v, const int32_t* lane_rows) {
+            return group.permuted(_mm256_load_si256(reinterpret_cast<const __m256i*>(lane_rows)))(v);
+          });
+          continue;
+        }
       }
 #endif
       rows_pass([&](int64_t j) {

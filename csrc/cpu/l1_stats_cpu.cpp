@@ -381,9 +381,10 @@ void backward_rows(const L1BackwardParams& p) {
         if (run.applies) {
           const __m512 mean_log = Vec::loadu(stats + kL1MeanLog * rows + first, count);
           const __m512 coefs = Vec::loadu(coef, count);
-          walk_run<scalar_t, P>(p, run, first, count, [&](__m512 v, __m512i lane_rows) {
-            return grad_elements<float>(v, _mm512_permutexvar_ps(lane_rows, mean_log),
-                                        _mm512_permutexvar_ps(lane_rows, coefs));
+          walk_run<scalar_t, P>(p, run, first, count, [&](__m512 v, const int32_t* lane_rows) {
+            const __m512i rows_of_lanes = _mm512_load_si512(lane_rows);
+            return grad_elements<float>(v, _mm512_permutexvar_ps(rows_of_lanes, mean_log),
+                                        _mm512_permutexvar_ps(rows_of_lanes, coefs));
           });
           continue;
         }

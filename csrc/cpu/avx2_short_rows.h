@@ -1,0 +1,122 @@
+// On AVX2: the reader that hands over a group of up to 8 short rows one position at a
+// time, a row per lane: avx512_short_rows.h's ShortRowTiles with 8 x 8 tiles. Included
+// only by kernel files, inside their per-capability build (cpu_capability.h): everything
+// here is in an anonymous namespace, so each build keeps its own copy.
+#pragma once
+
+#if defined(CPU_CAPABILITY_AVX2)
+
+#include <immintrin.h>
+
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../channel_stats_params.h"
+#include "avx512_short_rows.h"  // kShortRow
+
+namespace sparsity_ext {
+namespace {
+
+// 8 consecutive elements of scalar_t as float.
+template <typename scalar_t>
+inline __m256 load8(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+    } else {
+      return _mm256_cvtph_ps(bits);
+    }
+  }
+}
+
+// In place: r[j] (row j, 8 positions) becomes position j of the 8 rows (row i in lane i).
+inline void transpose8x8(__m256 (&r)[8]) {
+  __m256 t[8];  // t[j], j even: rows j, j+1 at positions 0, 1 | 4, 5; t[j+1]: 2, 3 | 6, 7
+  for (int j = 0; j < 8; j += 2) {
+    t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+    t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+  }
+  __m256 u[8];  // u[4g + m]: rows 4g..4g+3 at position m | m + 4
+  for (int g = 0; g < 2; ++g) {
+    u[4 * g] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0xee);
+    u[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xee);
+  }
+  for (int m = 0; m < 4; ++m) {
+    r[m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x20);
+    r[4 + m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x31);
+  }
+}
+
+// A group of `count` <= 8 rows from row `first` of x (layout kRows, so each row's
+// positions are consecutive), handed to the caller one position at a time, position i of
+// every row in one vector (row j in lane j): 8 positions of each row per load, the 8 x 8
+// tile transposed in registers.
+template <typename scalar_t>
+struct ShortRowTiles8 {
+  const scalar_t* starts[8];  // each row's first element; rows past the group repeat row 0
+  __m256 active;              // all ones in the group's lanes
+  int64_t count = 0;          // rows in the group
+  int64_t length = 0;
+
+  // False where it does not apply: rows longer than kShortRow.
+  bool init(const ForwardParams& p, int64_t first, int64_t rows) {
+    const int64_t L = p.positions, C = p.channels;
+    if (L > kShortRow || rows > 8) return false;
+    const scalar_t* x = static_cast<const scalar_t*>(p.x);
+    int64_t n = first / C, c = first % C;  // one division per group, not per row
+    for (int64_t j = 0; j < rows; ++j) {
+      starts[j] = x + n * p.x_strides.batch + c * p.x_strides.channel;
+      if (++c == C) c = 0, ++n;
+    }
+    for (int64_t j = rows; j < 8; ++j) starts[j] = starts[0];
+    active = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rows)),
+                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    count = rows;
+    length = L;
+    return true;
+  }
+
+  // take(i, v) for i = 0 .. L-1 in order, v = position i of each row as float, `fill` in
+  // the lanes past the group. The positions past the last full tile (49 = 6 x 8 + 1) are
+  // read a position at a time.
+  template <typename Take>
+  void for_each_position(__m256 fill, Take&& take) const {
+    int64_t i0 = 0;
+    for (; i0 + 8 <= length; i0 += 8) {
+      __m256 tile[8];
+      for (int j = 0; j < 8; ++j) tile[j] = load8(starts[j] + i0);
+      transpose8x8(tile);
+      for (int i = 0; i < 8; ++i) take(i0 + i, _mm256_blendv_ps(fill, tile[i], active));
+    }
+    for (int64_t i = i0; i < length; ++i) take(i, _mm256_blendv_ps(fill, column(i), active));
+  }
+
+  // Position i of each row, one scalar load per row.
+  __m256 column(int64_t i) const {
+    alignas(32) float values[8];
+    for (int j = 0; j < 8; ++j) values[j] = static_cast<float>(starts[j][i]);
+    return _mm256_load_ps(values);
+  }
+
+  // What follows the group's last row (the next group's rows when rows are contiguous):
+  // fetched while this group computes from cache, one 64-byte line per call (i = 0, 1, ...).
+  void prefetch_next(int64_t i) const {
+    const uintptr_t end = reinterpret_cast<uintptr_t>(starts[count - 1] + length);
+    __builtin_prefetch(reinterpret_cast<const void*>(end + i * 64));
+  }
+};
+
+}  // namespace
+}  // namespace sparsity_ext
+
+#endif  // CPU_CAPABILITY_AVX2
