@@ -60,6 +60,8 @@ inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   __mmask16 representable;
   return exp2_nonpositive(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), representable);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return exp2_nonpositive(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)));
 #else
   return x.exp_u20();
 #endif
@@ -172,6 +174,15 @@ struct Pack {
       out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));  // even elements
       out[1] = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(-65536)));  // odd
       return;
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (count == kWidth) {
+        const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));  // even elements
+        out[1] = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(-65536)));  // odd
+        return;
+      }
     }
 #endif
     load(p, count, out);
@@ -511,7 +522,7 @@ void row_coefficients(const BackwardParams& p, int64_t first, int64_t count, int
 // grad_element() of entropy_state.h, one vector of x at a time, from per-lane row terms
 // prepared once per row (or group of rows):
 //   grad = coef exp(d - log_sum) (d - mean_shift),  d = clamp_shift(x - max).
-// On AVX-512, log_sum is kept in base 2 (times log2 e) for exp2_nonpositive, so that the
+// On AVX-512 and AVX2, log_sum is kept in base 2 (times log2 e) for exp2_nonpositive, so that the
 // exponent is one FMA: the backward of bfloat16 and of short rows is bound by operations
 // per element, not by memory. coef multiplies exp(...) first, as in grad_element(): a
 // masked position (d at the floor, exp 0) then gives 0 for any finite coef, where
@@ -523,7 +534,7 @@ struct GradTerms {
 
   static GradTerms of(const Vec& row_max, const Vec& log_sum, const Vec& mean_shift,
                       const Vec& coef) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<acc_t, float>) {
       return {row_max, log_sum * Vec(kLog2e), coef, mean_shift};
     }
@@ -554,6 +565,11 @@ struct GradTerms {
       const __m512 e = exp2_nonpositive(_mm512_fmsub_ps(d, _mm512_set1_ps(kLog2e), log_sum),
                                         representable);
       return _mm512_mul_ps(_mm512_mul_ps(coef, e), _mm512_sub_ps(d, mean_shift));
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const __m256 e = exp2_nonpositive(_mm256_fmsub_ps(d, _mm256_set1_ps(kLog2e), log_sum));
+      return _mm256_mul_ps(_mm256_mul_ps(coef, e), _mm256_sub_ps(d, mean_shift));
     }
 #endif
     return coef * exp_nonpositive(d - log_sum) * (d - mean_shift);
