@@ -14,8 +14,9 @@ from testing import (DEVICES, DTYPES, LAYOUTS, ROUNDING, assert_close_to_float64
 
 SHAPES = [
     (2, 3, 7, 7),        # the short rows of late conv layers
-    (5, 37, 7, 7),       # many short rows: full and partial groups of 16 across samples
+    (5, 37, 7, 7),       # many short rows: full and partial groups of 16 (AVX2: 8) across samples
     (3, 19, 5, 7),       # L = 35: two full 16 x 16 tiles and a masked one of 3 positions
+                         # (AVX2: four 8 x 8 tiles and 3 positions read one at a time)
     (2, 17, 8, 8),       # L = 64: full tiles only, the longest short row
     (3, 7, 2, 9),        # L = 18: a tile and a tail of 2 read a position at a time
     (3, 5, 1),           # L = 1
@@ -535,7 +536,7 @@ def test_same_bits_every_call_and_every_thread_count(layout):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_short_rows_same_bits_wherever_a_row_falls_among_groups_batches_and_chunks(dtype):
-    """The kernels take rows in groups of 16, finish (forward) and take coefficients for
+    """The kernels take rows in groups of 16 (AVX2: 8), finish (forward) and take coefficients for
     (backward) four groups at a time, and hand chunks of groups to threads as they ask. A
     row's bits must depend on none of it. 2085 7x7 rows (130 groups of 16 and a partial
     one) on 1, 2 and 3 threads; and without the first sample, which moves every row 417
