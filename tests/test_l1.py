@@ -178,6 +178,44 @@ def test_backward_matches_float64_autograd(device, dtype, shape, layout):
     assert torch.isfinite(ours).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("band", [(-30, 30), (80, 100)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 9, 7, 7), (2, 3, 300)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float32_log_over_the_whole_range_subnormals_included(device, band, shape, layout):
+    """The float kernels' log takes x's exponent from its bits (AVX2) or getexp (AVX-512)
+    and a polynomial for the rest, with subnormals scaled first. Values +-2^e, e uniform in
+    `band`, and every 7th positive one subnormal (2^-149 .. 2^-127): their a log a is
+    negligible in the sums, but the gradient, coef * (log x - T/S), shows each element's
+    own log, so both must match the float64 reference. (Sums of a log a over values near
+    the largest float overflow in float32, and over subnormal values lose their precision:
+    the bands stay clear of both.)"""
+    generator = torch.Generator().manual_seed(11)
+    exponents = torch.empty(shape, dtype=torch.float64).uniform_(*band, generator=generator)
+    signs = torch.randint(0, 2, shape, generator=generator).double() * 2 - 1
+    x = signs * 2.0 ** exponents
+    positive = x.view(-1)[x.view(-1) > 0]  # a copy: written back below
+    positive[::7] = 2.0 ** torch.empty(positive[::7].shape, dtype=torch.float64).uniform_(
+        -149, -127, generator=generator)
+    x.view(-1)[x.view(-1) > 0] = positive
+    x = with_layout(x.float().to(device), layout)
+    assert (x[x > 0] < torch.finfo(torch.float32).smallest_normal).sum() > 10
+    ours = l1_forward(x)[:3]
+    exact = reference.channel_stats(x.double(), normalize="l1")
+    # H = log S - T/S: both terms near log x, so H's error is absolute, about an ulp of
+    # |log x| <= 70 per term.
+    tol = 1e-6 * max(abs(e) for e in band)
+    for name, value, want in zip(OUTPUTS, ours, exact):
+        assert_close_to_float64(value, want, torch.float32, rtol_acc=tol, atol=tol, what=name)
+    grad, exact_grad, coef_scale = _grads_against_reference(x, torch.float32)
+    # log x - T/S, each up to about 100 in size: 1e-4 of coef is a few ulps of each (T/S is
+    # a sum of up to 150 terms), while a log off by 2^-10, or a subnormal's exponent off by
+    # 23, is off by 7e-4 or 16 of coef.
+    scale = max(exact_grad.abs().max().item(), coef_scale)
+    assert_close_to_float64(grad, exact_grad, torch.float32, rtol_acc=1e-4, atol=1e-4 * scale,
+                            what="grad")
+
+
 def _away_from_zero(shape, layout):
     """float64 values with |x| >= 0.1: finite differences never step across the kink at 0."""
     x = torch.randn(shape, dtype=torch.float64)

@@ -1,4 +1,4 @@
-// On AVX2: the float exp of the softmax kernels, and the reader that hands over a group of
+// On AVX2: the float exp and log of the kernels, and the reader that hands over a group of
 // up to 8 short rows one position at a time, a row per lane (avx512_short_rows.h's
 // ShortRowTiles with 8 x 8 tiles). Included
 // only by kernel files, inside their per-capability build (cpu_capability.h): everything
@@ -15,10 +15,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "../channel_stats_params.h"
-#include "avx512_short_rows.h"  // kShortRow, kLog2e, kExp2Polynomial
+#include "avx512_short_rows.h"  // kShortRow and the polynomials' coefficients
 
 namespace sparsity_ext {
 namespace {
@@ -41,6 +42,27 @@ inline __m256 exp2_nonpositive(__m256 y) {
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(representable, _mm256_mul_ps(exp2_reduced(_mm256_sub_ps(y, n)),
                                                     _mm256_castsi256_ps(two_to_n)));
+}
+
+// log2(x) for x > 0 (+inf -> +inf, NaN -> NaN), as AVX-512's log2_positive: x = 2^e m with
+// m in [1, 2) taken from the bits (AVX2 has no getexp/getmant; a subnormal x is first
+// scaled by 2^23, exactly), log2(m) = u Q(u) with u = m - 1 (kLog2Polynomial). About 21
+// instructions where at::vec's log (Sleef's logf) takes several times more.
+inline __m256 log2_positive(__m256 x) {
+  const __m256 subnormal = _mm256_cmp_ps(x, _mm256_set1_ps(0x1p-126f), _CMP_LT_OQ);
+  const __m256i bits = _mm256_castps_si256(
+      _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(0x1p23f)), subnormal));
+  const __m256 m = _mm256_castsi256_ps(_mm256_or_si256(
+      _mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));
+  const __m256 e = _mm256_sub_ps(
+      _mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 23)),
+      _mm256_blendv_ps(_mm256_set1_ps(127.0f), _mm256_set1_ps(150.0f), subnormal));
+  const __m256 u = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
+  __m256 q = _mm256_set1_ps(kLog2Polynomial[0]);
+  for (int k = 1; k < 9; ++k) q = _mm256_fmadd_ps(q, u, _mm256_set1_ps(kLog2Polynomial[k]));
+  const __m256 inf_or_nan =
+      _mm256_cmp_ps(x, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _CMP_NLT_UQ);
+  return _mm256_blendv_ps(_mm256_fmadd_ps(u, q, e), x, inf_or_nan);
 }
 
 // 8 consecutive elements of scalar_t as float.

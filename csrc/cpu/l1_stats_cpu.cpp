@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "../l1_state.h"
+#include "avx2_short_rows.h"
 #include "avx512_short_rows.h"
 #include "parallel_chunks.h"
 #include "row_grads.h"
@@ -101,7 +102,7 @@ inline Vectorized<acc_t> log_of_live(const Vectorized<acc_t>& x, const Vectorize
 }
 
 // L1State of l1_state.h, lane by lane; `live` counts lanes with !(x <= 0) as 1.0 each.
-// `xlogx` is in the base of the log used (2 on the AVX-512 float path); xlogx_nats()
+// `xlogx` is in the base of the log used (2 on the AVX-512 and AVX2 float paths); xlogx_nats()
 // converts it to T.
 template <typename acc_t>
 struct VecL1State {
@@ -109,7 +110,7 @@ struct VecL1State {
   Vec sum{0}, xlogx{0}, total{0}, live{0};
 
   Vec xlogx_nats() const {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<acc_t, float>) return xlogx * Vec(kLn2);
 #endif
     return xlogx;
@@ -127,7 +128,15 @@ struct VecL1State {
     const Vec not_live = x <= Vec(0);  // all-ones lanes; false for NaN, which must stay live
     const Vec a = Vec::blendv(x, Vec(0), not_live);
     sum = sum + a;
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      xlogx = at::vec::fmadd(a, Vec(log2_positive(Vec::blendv(x, Vec(1), not_live))), xlogx);
+    } else {
+      xlogx = at::vec::fmadd(a, log_of_live(x, not_live), xlogx);
+    }
+#else
     xlogx = at::vec::fmadd(a, log_of_live(x, not_live), xlogx);
+#endif
     total = total + x;
     live = live + Vec::blendv(Vec(1), Vec(0), not_live);
   }
@@ -202,6 +211,23 @@ bool short_rows_sums(const L1ForwardParams& p, int64_t first, int64_t count,
     // these when rows are contiguous) are fetched during this one, a line per position:
     // without it the tiles' loads wait on memory.
     rows.for_each_position(_mm512_setzero_ps(), [&](int64_t i, __m512 v) {
+      rows.prefetch_next(i);
+      state.add(v);
+    });
+    state.sum.store(sums.sum);
+    state.xlogx_nats().store(sums.xlogx);
+    state.total.store(sums.total);
+    state.live.store(sums.live);
+    return true;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
+    return false;
+  } else {
+    ShortRowTiles8<scalar_t> rows;
+    if (!rows.init(p, first, count)) return false;
+    VecL1State<float> state;
+    rows.for_each_position(_mm256_setzero_ps(), [&](int64_t i, __m256 v) {
       rows.prefetch_next(i);
       state.add(v);
     });
@@ -305,8 +331,9 @@ void forward_channels_last(const L1ForwardParams& p) {
 
 // --- backward -----------------------------------------------------------------------
 
-// Rows whose coefficients one row_coefficients call computes, at most.
-constexpr int64_t kCoefGroup = 16;
+// Rows whose coefficients one row_coefficients call computes, at most, and the rows a
+// backward takes as one group: one float vector's worth (16 on AVX-512, 8 otherwise).
+constexpr int64_t kCoefGroup = Vectorized<float>::size();
 
 // l1_backward_coefficient() of l1_state.h for the `count` <= kCoefGroup consecutive rows
 // from `first` (sample n, channel c), several rows per vector: a scalar log, exp and
@@ -350,6 +377,12 @@ inline Vectorized<acc_t> grad_elements(const Vectorized<acc_t>& x,
     return _mm512_maskz_mul_ps(live_lanes, coef,
                                _mm512_fmsub_ps(_mm512_set1_ps(kLn2), log2_x, mean_log));
   }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const Vec not_live = x <= Vec(0);
+    const Vec log2_x = log2_positive(Vec::blendv(x, Vec(1), not_live));
+    return Vec::blendv(coef * at::vec::fmsub(Vec(kLn2), log2_x, mean_log), Vec(0), not_live);
+  }
 #endif
   const Vec not_live = x <= Vec(0);
   const Vec grad = coef * (log_of_live(x, not_live) - mean_log);
@@ -385,6 +418,20 @@ void backward_rows(const L1BackwardParams& p) {
             const __m512i rows_of_lanes = _mm512_load_si512(lane_rows);
             return grad_elements<float>(v, _mm512_permutexvar_ps(rows_of_lanes, mean_log),
                                         _mm512_permutexvar_ps(rows_of_lanes, coefs));
+          });
+          continue;
+        }
+      }
+#elif defined(CPU_CAPABILITY_AVX2)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (run.applies) {
+          const __m256 mean_log = Vec::loadu(stats + kL1MeanLog * rows + first, count);
+          const __m256 coefs = Vec::loadu(coef, count);
+          walk_run<scalar_t, P>(p, run, first, count, [&](const Vec& v, const int32_t* lane_rows) {
+            const __m256i rows_of_lanes =
+                _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_rows));
+            return grad_elements<float>(v, _mm256_permutevar8x32_ps(mean_log, rows_of_lanes),
+                                        _mm256_permutevar8x32_ps(coefs, rows_of_lanes));
           });
           continue;
         }
