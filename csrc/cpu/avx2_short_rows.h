@@ -100,32 +100,19 @@ inline void transpose8x8(__m256 (&r)[8]) {
   }
 }
 
-// A group of `count` <= 8 rows from row `first` of x (layout kRows, so each row's
-// positions are consecutive), handed to the caller one position at a time, position i of
-// every row in one vector (row j in lane j): 8 positions of each row per load, the 8 x 8
-// tile transposed in registers.
+// The reader of a group of `count` <= 8 short rows from row `first` of x, handed to the
+// caller one position at a time, position i of every row in one vector (row j in lane j):
+// 8 positions of each row per load, the 8 x 8 tile transposed in registers.
 template <typename scalar_t>
-struct ShortRowTiles8 {
-  const scalar_t* starts[8];  // each row's first element; rows past the group repeat row 0
-  __m256 active;              // all ones in the group's lanes
-  int64_t count = 0;          // rows in the group
-  int64_t length = 0;
+struct ShortRowTiles8 : ShortRowStarts<scalar_t, 8> {
+  using ShortRowStarts<scalar_t, 8>::starts;
+  using ShortRowStarts<scalar_t, 8>::length;
+  __m256 active;  // all ones in the group's lanes
 
-  // False where it does not apply: rows longer than kShortRow.
   bool init(const ForwardParams& p, int64_t first, int64_t rows) {
-    const int64_t L = p.positions, C = p.channels;
-    if (L > kShortRow || rows > 8) return false;
-    const scalar_t* x = static_cast<const scalar_t*>(p.x);
-    int64_t n = first / C, c = first % C;  // one division per group, not per row
-    for (int64_t j = 0; j < rows; ++j) {
-      starts[j] = x + n * p.x_strides.batch + c * p.x_strides.channel;
-      if (++c == C) c = 0, ++n;
-    }
-    for (int64_t j = rows; j < 8; ++j) starts[j] = starts[0];
+    if (!ShortRowStarts<scalar_t, 8>::init(p, first, rows)) return false;
     active = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rows)),
                                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    count = rows;
-    length = L;
     return true;
   }
 
@@ -144,18 +131,10 @@ struct ShortRowTiles8 {
     for (int64_t i = i0; i < length; ++i) take(i, _mm256_blendv_ps(fill, column(i), active));
   }
 
-  // Position i of each row, one scalar load per row.
   __m256 column(int64_t i) const {
     alignas(32) float values[8];
-    for (int j = 0; j < 8; ++j) values[j] = static_cast<float>(starts[j][i]);
+    ShortRowStarts<scalar_t, 8>::column(i, values);
     return _mm256_load_ps(values);
-  }
-
-  // What follows the group's last row (the next group's rows when rows are contiguous):
-  // fetched while this group computes from cache, one 64-byte line per call (i = 0, 1, ...).
-  void prefetch_next(int64_t i) const {
-    const uintptr_t end = reinterpret_cast<uintptr_t>(starts[count - 1] + length);
-    __builtin_prefetch(reinterpret_cast<const void*>(end + i * 64));
   }
 };
 

@@ -13,7 +13,8 @@
 namespace sparsity_ext {
 namespace {
 // Rows of at most this many positions are read a group of 16 rows at a time, one row per
-// lane (7x7 = 49 positions), by ShortRowTiles below on AVX-512: no horizontal reduction
+// lane (7x7 = 49 positions), by ShortRowTiles below on AVX-512 (8 rows by ShortRowTiles8 of
+// avx2_short_rows.h on AVX2): no horizontal reduction
 // and no partial vector per row, which is what a row-at-a-time loop spends most of its
 // time on at this length.
 constexpr int64_t kShortRow = 64;
@@ -42,6 +43,44 @@ inline int64_t row_group_size(int64_t L, int64_t rows, int64_t group) {
   return L <= kShortRow || rows >= 64 * group ? group : 1;
 }
 
+// Where each row of a group of `count` <= kRows short rows starts (layout kRows, so each
+// row's positions are consecutive): the part of the tile readers (ShortRowTiles on
+// AVX-512, ShortRowTiles8 on AVX2) that does not depend on the vector unit.
+template <typename scalar_t, int kRows>
+struct ShortRowStarts {
+  const scalar_t* starts[kRows];  // each row's first element; rows past the group repeat row 0
+  int64_t count = 0;              // rows in the group
+  int64_t length = 0;
+
+  // False where it does not apply: rows longer than kShortRow, or more than kRows rows.
+  bool init(const ForwardParams& p, int64_t first, int64_t rows) {
+    const int64_t L = p.positions, C = p.channels;
+    if (L > kShortRow || rows > kRows) return false;
+    const scalar_t* x = static_cast<const scalar_t*>(p.x);
+    int64_t n = first / C, c = first % C;  // one division per group, not per row
+    for (int64_t j = 0; j < rows; ++j) {
+      starts[j] = x + n * p.x_strides.batch + c * p.x_strides.channel;
+      if (++c == C) c = 0, ++n;
+    }
+    for (int64_t j = rows; j < kRows; ++j) starts[j] = starts[0];
+    count = rows;
+    length = L;
+    return true;
+  }
+
+  // Position i of each row as float into values[0 .. kRows), one scalar load per row.
+  void column(int64_t i, float* values) const {
+    for (int j = 0; j < kRows; ++j) values[j] = static_cast<float>(starts[j][i]);
+  }
+
+  // What follows the group's last row (the next group's rows when rows are contiguous):
+  // fetched while this group computes from cache, one 64-byte line per call (i = 0, 1, ...).
+  void prefetch_next(int64_t i) const {
+    const uintptr_t end = reinterpret_cast<uintptr_t>(starts[count - 1] + length);
+    __builtin_prefetch(reinterpret_cast<const void*>(end + i * 64));
+  }
+};
+
 // The backward of one row: grad = element(v) for each vector v of the row's L elements,
 // read and written a pack P at a time (the kernel file's Pack: kVecs vectors per pack).
 template <typename P, typename scalar_t, typename Element>
@@ -66,8 +105,8 @@ inline bool rows_form_one_run(const BackwardParams& p) {
 // Whether a backward walks its short rows a group of up to 16 (AVX-512) or 8 (AVX2) at a
 // time as one run of full vectors (walk_run below: float accumulation, rows that lie end
 // to end), and row_of[e] = e / L, the row of element e of a run, for the 16 L + 32
-// elements a walk can reach (a pack of 32 may start at element 16 L - 1). Shared read-only
-// by the threads.
+// elements a walk can reach (AVX-512: a pack of 32 may start at element 16 L - 1; AVX2
+// reaches 8 L + 16). Shared read-only by the threads.
 struct ShortRun {
   static constexpr int64_t kMaxElements = kShortRow * 16 + 32;
   bool applies = false;
@@ -208,26 +247,14 @@ inline void transpose16x16(__m512 (&r)[16]) {
 // wherever the rows lie, where a gather per position costs several times more (measured
 // on Zen 4, whose gathers are microcoded).
 template <typename scalar_t>
-struct ShortRowTiles {
-  const scalar_t* starts[16];  // each row's first element; rows past the group repeat row 0
-  __mmask16 active = 0;        // the group's lanes
-  int64_t count = 0;           // rows in the group
-  int64_t length = 0;
+struct ShortRowTiles : ShortRowStarts<scalar_t, 16> {
+  using ShortRowStarts<scalar_t, 16>::starts;
+  using ShortRowStarts<scalar_t, 16>::length;
+  __mmask16 active = 0;  // the group's lanes
 
-  // False where it does not apply: rows longer than kShortRow.
   bool init(const ForwardParams& p, int64_t first, int64_t rows) {
-    const int64_t L = p.positions, C = p.channels;
-    if (L > kShortRow) return false;
-    const scalar_t* x = static_cast<const scalar_t*>(p.x);
-    int64_t n = first / C, c = first % C;  // one division per group, not per row
-    for (int64_t j = 0; j < rows; ++j) {
-      starts[j] = x + n * p.x_strides.batch + c * p.x_strides.channel;
-      if (++c == C) c = 0, ++n;
-    }
-    for (int64_t j = rows; j < 16; ++j) starts[j] = starts[0];
+    if (!ShortRowStarts<scalar_t, 16>::init(p, first, rows)) return false;
     active = static_cast<__mmask16>((1u << rows) - 1);
-    count = rows;
-    length = L;
     return true;
   }
 
@@ -253,10 +280,9 @@ struct ShortRowTiles {
     }
   }
 
-  // Position i of each row, one scalar load per row.
   __m512 column(int64_t i) const {
     alignas(64) float values[16];
-    for (int j = 0; j < 16; ++j) values[j] = static_cast<float>(starts[j][i]);
+    ShortRowStarts<scalar_t, 16>::column(i, values);
     return _mm512_load_ps(values);
   }
 
@@ -274,13 +300,6 @@ struct ShortRowTiles {
       also(v);
     });
     return vmax;
-  }
-
-  // What follows the group's last row (the next group's rows when rows are contiguous):
-  // fetched while this group computes from cache, one 64-byte line per call (i = 0, 1, ...).
-  void prefetch_next(int64_t i) const {
-    const uintptr_t end = reinterpret_cast<uintptr_t>(starts[count - 1] + length);
-    __builtin_prefetch(reinterpret_cast<const void*>(end + i * 64));
   }
 };
 

@@ -5,9 +5,11 @@
 // floor on CPU), and the chunk states merge in order through EntropyState::merge.
 // A row's result therefore does not depend on the thread count: same bits always.
 //
-// Layouts: kRows walks each row with unit stride; kChannelsLast (channels unit-stride)
-// vectorises across channels (one vector = Pack::kWidth consecutive channels of one
-// sample) and walks the positions, so every load is contiguous.
+// Layouts: kRows walks each row with unit stride, except short rows (<= 64 positions) on
+// AVX-512 and AVX2, which are read one row per lane (16 x 16 or 8 x 8 tiles transposed in
+// registers); kChannelsLast (channels unit-stride) vectorises across channels (one vector =
+// Pack::kWidth consecutive channels of one sample) and walks the positions, so every load
+// is contiguous. The float exp is a polynomial exp2 on AVX-512 and AVX2 (exp2_nonpositive).
 //
 // Backward, per element: grad_x = coef * exp(d - log_sum) * (d - mean_shift) with
 // d = max(x - max, floor) and one coef per row (see entropy_state.h for the derivation);
@@ -80,6 +82,13 @@ template <>
 inline Vectorized<float> clamp_shift(const Vectorized<float>& shift) {
   // One instruction: max_ps returns its second operand when either is NaN.
   return _mm512_max_ps(_mm512_set1_ps(ShiftFloor<float>::value), shift);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <>
+inline Vectorized<float> clamp_shift(const Vectorized<float>& shift) {
+  // One instruction (at::vec::maximum takes three): max_ps returns its second operand when
+  // either is NaN.
+  return _mm256_max_ps(_mm256_set1_ps(ShiftFloor<float>::value), shift);
 }
 #endif
 
@@ -315,8 +324,8 @@ void store_rows(const ForwardParams& p, int64_t first, int64_t count,
   }
 }
 
-// Short rows (7x7 = 49 positions): one row per lane, `count` <= 16 rows at once, each
-// position read across the rows (ShortRowTiles). No horizontal reduction and no partial
+// Short rows (7x7 = 49 positions): one row per lane, `count` <= 16 rows at once (AVX2: 8),
+// each position read across the rows (ShortRowTiles, ShortRowTiles8). No horizontal reduction and no partial
 // vector per row, which is what a row-at-a-time loop spends most of its time on at this
 // length. Returns false where it does not apply (the caller then goes row by row).
 template <typename scalar_t>

@@ -3,12 +3,12 @@
 //
 // Forward, per row: one pass that folds every vector of x into four vector accumulators
 // (S, T, sum of x, count of live positions), one log per element (a polynomial log2 on
-// AVX-512, the cost that matters) and no exp or max; rows are then finished 16 (8 for
-// double) at a time with vector log and exp. kRows walks each row with unit stride and
-// reduces the lanes at its end, except short rows (<= 64 positions), which are read one
-// row per lane (16 x 16 tiles transposed in registers); kChannelsLast puts consecutive
-// channels of one sample side by side in a vector (one lane per row) and walks the
-// positions, so no horizontal reduction is needed.
+// AVX-512 and AVX2, the cost that matters) and no exp or max; rows are then finished one
+// vector's worth at a time with vector log and exp. kRows walks each row with unit stride
+// and reduces the lanes at its end, except short rows (<= 64 positions) on AVX-512 and
+// AVX2, which are read one row per lane (16 x 16 or 8 x 8 tiles transposed in registers);
+// kChannelsLast puts consecutive channels of one sample side by side in a vector (one lane
+// per row) and walks the positions, so no horizontal reduction is needed.
 // Each row is always folded in the same order, whatever the thread count: same bits.
 //
 // Backward, per element: grad_x = coef * (log x - T/S) where x > 0, else 0, with one coef
@@ -101,6 +101,19 @@ inline Vectorized<acc_t> log_of_live(const Vectorized<acc_t>& x, const Vectorize
   return Vectorized<acc_t>::blendv(x, Vectorized<acc_t>(1), not_live).log();
 }
 
+// log_of_live in the base VecL1State keeps xlogx in: 2 on the AVX2 float path
+// (log2_positive; the AVX-512 one has its own, l1_step), e otherwise.
+template <typename acc_t>
+inline Vectorized<acc_t> log_in_state_base(const Vectorized<acc_t>& x,
+                                           const Vectorized<acc_t>& not_live) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return log2_positive(Vectorized<float>::blendv(x, Vectorized<float>(1), not_live));
+  }
+#endif
+  return log_of_live(x, not_live);
+}
+
 // L1State of l1_state.h, lane by lane; `live` counts lanes with !(x <= 0) as 1.0 each.
 // `xlogx` is in the base of the log used (2 on the AVX-512 and AVX2 float paths); xlogx_nats()
 // converts it to T.
@@ -128,15 +141,7 @@ struct VecL1State {
     const Vec not_live = x <= Vec(0);  // all-ones lanes; false for NaN, which must stay live
     const Vec a = Vec::blendv(x, Vec(0), not_live);
     sum = sum + a;
-#if defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<acc_t, float>) {
-      xlogx = at::vec::fmadd(a, Vec(log2_positive(Vec::blendv(x, Vec(1), not_live))), xlogx);
-    } else {
-      xlogx = at::vec::fmadd(a, log_of_live(x, not_live), xlogx);
-    }
-#else
-    xlogx = at::vec::fmadd(a, log_of_live(x, not_live), xlogx);
-#endif
+    xlogx = at::vec::fmadd(a, log_in_state_base(x, not_live), xlogx);
     total = total + x;
     live = live + Vec::blendv(Vec(1), Vec(0), not_live);
   }
@@ -193,7 +198,7 @@ void store_rows(const L1ForwardParams& p, int64_t first, int64_t count,
 // --- forward ------------------------------------------------------------------------
 
 // Rows of at most this many positions take short_rows_sums below.
-// Short rows (7x7 = 49 positions): one row per lane, the `count` <= 16 rows of a group at
+// Short rows (7x7 = 49 positions): one row per lane, the `count` <= 16 (AVX2: 8) rows of a group at
 // once, each position read across the rows (ShortRowTiles, as channel_stats_cpu.cpp): no
 // horizontal reduction and no partial vector per row, which is what a row-at-a-time loop
 // spends most of its time on at this length. Returns false where it does not apply.
