@@ -19,10 +19,16 @@
 #include <type_traits>
 
 #include "../channel_stats_params.h"
+#include "../entropy_state.h"  // ShiftFloor
 #include "avx512_short_rows.h"  // kShortRow and the polynomials' coefficients
 
 namespace sparsity_ext {
 namespace {
+
+// A float vector of this build, as the functions below take it (avx512_short_rows.h:
+// __m512), and the rows of a group of short rows (one per lane).
+using FloatVector = __m256;
+constexpr int64_t kTileRows = 8;
 
 // 2^f for |f| <= 1/2 (kExp2Polynomial).
 inline __m256 exp2_reduced(__m256 f) {
@@ -104,7 +110,7 @@ inline void transpose8x8(__m256 (&r)[8]) {
 // caller one position at a time, position i of every row in one vector (row j in lane j):
 // 8 positions of each row per load, the 8 x 8 tile transposed in registers.
 template <typename scalar_t>
-struct ShortRowTiles8 : ShortRowStarts<scalar_t, 8> {
+struct ShortRowTiles : ShortRowStarts<scalar_t, 8> {
   using ShortRowStarts<scalar_t, 8>::starts;
   using ShortRowStarts<scalar_t, 8>::length;
   __m256 active;  // all ones in the group's lanes
@@ -136,7 +142,79 @@ struct ShortRowTiles8 : ShortRowStarts<scalar_t, 8> {
     ShortRowStarts<scalar_t, 8>::column(i, values);
     return _mm256_load_ps(values);
   }
+
+  // Reads the group once, position i stored at transposed + 8 i (8 floats, aligned) and
+  // folded into the rows' max, which is returned; also(v) sees each position too. Lanes
+  // past the group read -inf. The max propagates NaN, so a row with a NaN has NaN sums.
+  template <typename Also>
+  __m256 read_transposed(float* transposed, Also&& also) const {
+    const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256 vmax = neg_inf;
+    for_each_position(neg_inf, [&](int64_t i, __m256 v) {
+      _mm256_store_ps(transposed + i * 8, v);
+      vmax = at::vec::maximum(at::vec::Vectorized<float>(v), at::vec::Vectorized<float>(vmax));
+      also(v);
+    });
+    return vmax;
+  }
+
+  // acc + v in the group's lanes, acc in the others.
+  __m256 add_in_group(__m256 acc, __m256 v) const {
+    return _mm256_add_ps(acc, _mm256_and_ps(active, v));
+  }
 };
+
+// One position of the softmax measure's state (entropy_state.h) for 8 rows, as
+// channel_stats' accumulate(): with d = max(shift, floor) (NaN stays NaN),
+// sum += exp(d), shifted += d exp(d).
+inline void softmax_step(__m256 shift, __m256& sum, __m256& shifted) {
+  const __m256 d = _mm256_max_ps(_mm256_set1_ps(ShiftFloor<float>::value), shift);
+  const __m256 e = exp2_nonpositive(_mm256_mul_ps(d, _mm256_set1_ps(kLog2e)));
+  sum = _mm256_add_ps(sum, e);
+  shifted = _mm256_fmadd_ps(d, e, shifted);
+}
+
+// The softmax state's exp pass over a group of short rows kept transposed (position i of
+// every row at transposed + 8 i), given each row's max: sum and shifted per lane. A row of
+// only masked positions shifts by 0 (no -inf - -inf), so its sum stays 0. Fetches what
+// follows the group while it computes from cache.
+template <typename scalar_t>
+inline void softmax_group_sums(const float* transposed, __m256 row_max,
+                               const ShortRowTiles<scalar_t>& rows, __m256& sum,
+                               __m256& shifted) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 shift_by =
+      _mm256_blendv_ps(row_max, _mm256_setzero_ps(), _mm256_cmp_ps(row_max, neg_inf, _CMP_EQ_OQ));
+  // Two accumulator pairs (even and odd positions), so the adds are not latency bound.
+  __m256 s0 = _mm256_setzero_ps(), t0 = s0, s1 = s0, t1 = s0;
+  const int64_t L = rows.length;
+  int64_t i = 0;
+  for (; i + 2 <= L; i += 2) {
+    rows.prefetch_next(i);
+    rows.prefetch_next(i + 1);
+    softmax_step(_mm256_sub_ps(_mm256_load_ps(transposed + i * 8), shift_by), s0, t0);
+    softmax_step(_mm256_sub_ps(_mm256_load_ps(transposed + (i + 1) * 8), shift_by), s1, t1);
+  }
+  if (i < L) {
+    rows.prefetch_next(i);
+    softmax_step(_mm256_sub_ps(_mm256_load_ps(transposed + i * 8), shift_by), s0, t0);
+  }
+  sum = _mm256_add_ps(s0, s1);
+  shifted = _mm256_add_ps(t0, t1);
+}
+
+// One position of the L1 measure's state (l1_state.h) for 8 rows: S += a, T += a log2 a
+// (base 2: times kLn2 once per row), total += x, live += 1 for a = x where !(x <= 0) (NaN
+// stays live).
+inline void l1_step(__m256 x, __m256& sum, __m256& xlog2x, __m256& total, __m256& live) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 not_live = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LE_OQ);
+  const __m256 a = _mm256_andnot_ps(not_live, x);
+  sum = _mm256_add_ps(sum, a);
+  xlog2x = _mm256_fmadd_ps(a, log2_positive(_mm256_blendv_ps(x, one, not_live)), xlog2x);
+  total = _mm256_add_ps(total, x);
+  live = _mm256_add_ps(live, _mm256_andnot_ps(not_live, one));
+}
 
 }  // namespace
 }  // namespace sparsity_ext

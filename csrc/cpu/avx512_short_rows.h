@@ -13,7 +13,7 @@
 namespace sparsity_ext {
 namespace {
 // Rows of at most this many positions are read a group of 16 rows at a time, one row per
-// lane (7x7 = 49 positions), by ShortRowTiles below on AVX-512 (8 rows by ShortRowTiles8 of
+// lane (7x7 = 49 positions), by ShortRowTiles below on AVX-512 (8 rows by ShortRowTiles of
 // avx2_short_rows.h on AVX2): no horizontal reduction
 // and no partial vector per row, which is what a row-at-a-time loop spends most of its
 // time on at this length.
@@ -45,7 +45,7 @@ inline int64_t row_group_size(int64_t L, int64_t rows, int64_t group) {
 
 // Where each row of a group of `count` <= kRows short rows starts (layout kRows, so each
 // row's positions are consecutive): the part of the tile readers (ShortRowTiles on
-// AVX-512, ShortRowTiles8 on AVX2) that does not depend on the vector unit.
+// AVX-512, ShortRowTiles on AVX2) that does not depend on the vector unit.
 template <typename scalar_t, int kRows>
 struct ShortRowStarts {
   const scalar_t* starts[kRows];  // each row's first element; rows past the group repeat row 0
@@ -158,6 +158,11 @@ inline void walk_run(const BackwardParams& p, const ShortRun& run, int64_t first
 
 namespace sparsity_ext {
 namespace {
+
+// A float vector of this build, as the functions below take it (avx2_short_rows.h: __m256),
+// and the rows of a group of short rows (one per lane).
+using FloatVector = __m512;
+constexpr int64_t kTileRows = 16;
 
 // 2^f for |f| <= 1/2, the polynomial of exp2_nonpositive below.
 inline __m512 exp2_reduced(__m512 f) {
@@ -301,6 +306,9 @@ struct ShortRowTiles : ShortRowStarts<scalar_t, 16> {
     });
     return vmax;
   }
+
+  // acc + v in the group's lanes, acc in the others.
+  __m512 add_in_group(__m512 acc, __m512 v) const { return _mm512_mask_add_ps(acc, active, acc, v); }
 };
 
 // One position of the softmax measure's state (entropy_state.h) for 16 rows: with

@@ -97,9 +97,9 @@ inline Vectorized<float> clamp_shift(const Vectorized<float>& shift) {
 template <typename acc_t>
 inline void accumulate(const Vectorized<acc_t>& shift, Vectorized<acc_t>& sum,
                        Vectorized<acc_t>& shifted) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
-    __m512 s = sum, t = shifted;
+    FloatVector s = sum, t = shifted;
     softmax_step(shift, s, t);
     sum = s;
     shifted = t;
@@ -324,64 +324,29 @@ void store_rows(const ForwardParams& p, int64_t first, int64_t count,
   }
 }
 
-// Short rows (7x7 = 49 positions): one row per lane, `count` <= 16 rows at once (AVX2: 8),
-// each position read across the rows (ShortRowTiles, ShortRowTiles8). No horizontal reduction and no partial
-// vector per row, which is what a row-at-a-time loop spends most of its time on at this
-// length. Returns false where it does not apply (the caller then goes row by row).
+// Short rows (7x7 = 49 positions): one row per lane, `count` <= kTileRows rows at once (16
+// on AVX-512, 8 on AVX2), each position read across the rows (ShortRowTiles of the build's
+// header). No horizontal reduction and no partial vector per row, which is what a
+// row-at-a-time loop spends most of its time on at this length. Returns false where it
+// does not apply (the caller then goes row by row).
 template <typename scalar_t>
 bool short_rows_state(const ForwardParams& p, int64_t first, int64_t count,
                       acc_type<scalar_t>* row_max, acc_type<scalar_t>* sum,
                       acc_type<scalar_t>* shifted) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
     return false;
   } else {
     ShortRowTiles<scalar_t> rows;
     if (!rows.init(p, first, count)) return false;
     // Each position read once, kept transposed (position-major) for the exp pass.
-    alignas(64) float transposed[kShortRow * 16];
-    const __m512 vmax = rows.read_transposed(transposed, [](__m512) {});
-    __m512 s, t;
+    alignas(64) float transposed[kShortRow * kTileRows];
+    const FloatVector vmax = rows.read_transposed(transposed, [](FloatVector) {});
+    FloatVector s, t;
     softmax_group_sums(transposed, vmax, rows, s, t);
     Vectorized<float>(vmax).store(row_max, count);
     Vectorized<float>(s).store(sum, count);
     Vectorized<float>(t).store(shifted, count);
-    return true;
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
-    return false;
-  } else {
-    using Vec = Vectorized<float>;
-    ShortRowTiles8<scalar_t> rows;
-    if (!rows.init(p, first, count)) return false;
-    // Each position read once, kept transposed (position-major) for the exp pass.
-    alignas(32) float transposed[kShortRow * 8];
-    const Vec neg_inf(-std::numeric_limits<float>::infinity());
-    Vec vmax = neg_inf;
-    rows.for_each_position(neg_inf, [&](int64_t i, __m256 v) {
-      _mm256_store_ps(transposed + i * 8, v);
-      vmax = at::vec::maximum(Vec(v), vmax);  // NaN propagates: the row's sums are NaN
-    });
-    // A row of only masked positions shifts by 0 (no -inf - -inf), so its sum stays 0.
-    const Vec shift_by = Vec::blendv(vmax, Vec(0), vmax == neg_inf);
-    // Two accumulator pairs (even and odd positions), so the adds are not latency bound.
-    Vec s0(0), t0(0), s1(0), t1(0);
-    const int64_t L = p.positions;
-    int64_t i = 0;
-    for (; i + 2 <= L; i += 2) {
-      rows.prefetch_next(i);
-      rows.prefetch_next(i + 1);
-      accumulate(Vec::loadu(transposed + i * 8) - shift_by, s0, t0);
-      accumulate(Vec::loadu(transposed + (i + 1) * 8) - shift_by, s1, t1);
-    }
-    if (i < L) {
-      rows.prefetch_next(i);
-      accumulate(Vec::loadu(transposed + i * 8) - shift_by, s0, t0);
-    }
-    vmax.store(row_max, count);
-    (s0 + s1).store(sum, count);
-    (t0 + t1).store(shifted, count);
     return true;
   }
 #else

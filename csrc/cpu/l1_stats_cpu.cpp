@@ -101,22 +101,9 @@ inline Vectorized<acc_t> log_of_live(const Vectorized<acc_t>& x, const Vectorize
   return Vectorized<acc_t>::blendv(x, Vectorized<acc_t>(1), not_live).log();
 }
 
-// log_of_live in the base VecL1State keeps xlogx in: 2 on the AVX2 float path
-// (log2_positive; the AVX-512 one has its own, l1_step), e otherwise.
-template <typename acc_t>
-inline Vectorized<acc_t> log_in_state_base(const Vectorized<acc_t>& x,
-                                           const Vectorized<acc_t>& not_live) {
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return log2_positive(Vectorized<float>::blendv(x, Vectorized<float>(1), not_live));
-  }
-#endif
-  return log_of_live(x, not_live);
-}
-
 // L1State of l1_state.h, lane by lane; `live` counts lanes with !(x <= 0) as 1.0 each.
-// `xlogx` is in the base of the log used (2 on the AVX-512 and AVX2 float paths); xlogx_nats()
-// converts it to T.
+// `xlogx` is in the base of the log used (2 on the AVX-512 and AVX2 float paths, which
+// take l1_step); xlogx_nats() converts it to T.
 template <typename acc_t>
 struct VecL1State {
   using Vec = Vectorized<acc_t>;
@@ -130,9 +117,9 @@ struct VecL1State {
   }
 
   void add(const Vec& x) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<acc_t, float>) {
-      __m512 s = sum, t = xlogx, x_total = total, x_live = live;
+      FloatVector s = sum, t = xlogx, x_total = total, x_live = live;
       l1_step(x, s, t, x_total, x_live);
       sum = s, xlogx = t, total = x_total, live = x_live;
       return;
@@ -141,7 +128,7 @@ struct VecL1State {
     const Vec not_live = x <= Vec(0);  // all-ones lanes; false for NaN, which must stay live
     const Vec a = Vec::blendv(x, Vec(0), not_live);
     sum = sum + a;
-    xlogx = at::vec::fmadd(a, log_in_state_base(x, not_live), xlogx);
+    xlogx = at::vec::fmadd(a, log_of_live(x, not_live), xlogx);
     total = total + x;
     live = live + Vec::blendv(Vec(1), Vec(0), not_live);
   }
@@ -197,15 +184,15 @@ void store_rows(const L1ForwardParams& p, int64_t first, int64_t count,
 
 // --- forward ------------------------------------------------------------------------
 
-// Rows of at most this many positions take short_rows_sums below.
-// Short rows (7x7 = 49 positions): one row per lane, the `count` <= 16 (AVX2: 8) rows of a group at
-// once, each position read across the rows (ShortRowTiles, as channel_stats_cpu.cpp): no
-// horizontal reduction and no partial vector per row, which is what a row-at-a-time loop
-// spends most of its time on at this length. Returns false where it does not apply.
+// Short rows (7x7 = 49 positions): one row per lane, the `count` <= kTileRows rows of a
+// group at once, each position read across the rows (ShortRowTiles, as
+// channel_stats_cpu.cpp): no horizontal reduction and no partial vector per row, which is
+// what a row-at-a-time loop spends most of its time on at this length. Returns false where
+// it does not apply.
 template <typename scalar_t>
 bool short_rows_sums(const L1ForwardParams& p, int64_t first, int64_t count,
                      RowSums<acc_type<scalar_t>>& sums) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
     return false;
   } else {
@@ -215,24 +202,7 @@ bool short_rows_sums(const L1ForwardParams& p, int64_t first, int64_t count,
     // Lanes past the group: 0, not live. One pass, so the next group's rows (which follow
     // these when rows are contiguous) are fetched during this one, a line per position:
     // without it the tiles' loads wait on memory.
-    rows.for_each_position(_mm512_setzero_ps(), [&](int64_t i, __m512 v) {
-      rows.prefetch_next(i);
-      state.add(v);
-    });
-    state.sum.store(sums.sum);
-    state.xlogx_nats().store(sums.xlogx);
-    state.total.store(sums.total);
-    state.live.store(sums.live);
-    return true;
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (!std::is_same_v<acc_type<scalar_t>, float>) {
-    return false;
-  } else {
-    ShortRowTiles8<scalar_t> rows;
-    if (!rows.init(p, first, count)) return false;
-    VecL1State<float> state;
-    rows.for_each_position(_mm256_setzero_ps(), [&](int64_t i, __m256 v) {
+    rows.for_each_position(Vectorized<float>(0), [&](int64_t i, FloatVector v) {
       rows.prefetch_next(i);
       state.add(v);
     });

@@ -1,8 +1,8 @@
 // CPU kernels of monitor_sums_: each row's softmax and L1 entropy and sparsity
 // (finalize() of entropy_state.h and l1_state.h, a vector of rows at a time), summed over
-// the rows into the float64 column sums. Short rows on AVX-512 take one fused pass over x
-// for both measures (monitor_sums_fused_cpu); everything else is reduced from the row
-// statistics of the two forward kernels (monitor_sums_cpu).
+// the rows into the float64 column sums. Short rows on AVX-512 and AVX2 take one fused
+// pass over x for both measures (monitor_sums_fused_cpu); everything else is reduced from
+// the row statistics of the two forward kernels (monitor_sums_cpu).
 #include "monitor_sums_cpu.h"
 
 #if !defined(CPU_CAPABILITY)
@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../l1_stats_params.h"
+#include "avx2_short_rows.h"
 #include "avx512_short_rows.h"
 #include "parallel_chunks.h"
 
@@ -112,8 +113,8 @@ void reduce(const MonitorSumsParams& p) {
 }
 
 
-#if defined(CPU_CAPABILITY_AVX512)
-// Groups of 16 short rows per block of the parallel loop; blocks are summed in order, so
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// Groups of kTileRows short rows per block of the parallel loop; blocks are summed in order, so
 // the sums do not depend on the thread count.
 constexpr int64_t kGroupsPerBlock = 16;
 
@@ -121,23 +122,23 @@ constexpr int64_t kGroupsPerBlock = 16;
 // softmax state's max pass and the L1 sums take the same vector, the softmax exp pass
 // reads it back from a transposed copy in cache. Adds the group's rows into acc.
 template <typename scalar_t>
-void fused_group(const ShortRowTiles<scalar_t>& rows, __m512 (&acc)[kSummed]) {
+void fused_group(const ShortRowTiles<scalar_t>& rows, FloatVector (&acc)[kSummed]) {
   const int64_t L = rows.length;
-  alignas(64) float transposed[kShortRow * 16];
-  __m512 l1_sum = _mm512_setzero_ps(), xlog2x = l1_sum, total = l1_sum, live = l1_sum;
+  alignas(64) float transposed[kShortRow * kTileRows];
+  FloatVector l1_sum = Vectorized<float>(0), xlog2x = l1_sum, total = l1_sum, live = l1_sum;
   // Lanes past the group read -inf: not live for the L1 sums either.
-  const __m512 vmax = rows.read_transposed(
-      transposed, [&](__m512 v) { l1_step(v, l1_sum, xlog2x, total, live); });
-  __m512 sum, shifted;
+  const FloatVector vmax = rows.read_transposed(
+      transposed, [&](FloatVector v) { l1_step(v, l1_sum, xlog2x, total, live); });
+  FloatVector sum, shifted;
   softmax_group_sums(transposed, vmax, rows, sum, shifted);
   using Vec = Vectorized<float>;
   const Vec s(sum), t(shifted);
   const Vec l1_s(l1_sum);
   Vec values[kSummed];
-  row_columns<float>(s.log() - t / s, l1_s, Vec(_mm512_mul_ps(xlog2x, _mm512_set1_ps(kLn2))) / l1_s,
+  row_columns<float>(s.log() - t / s, l1_s, Vec(xlog2x) * Vec(kLn2) / l1_s,
                      Vec(static_cast<float>(L)) - Vec(live), Vec(total), L, values);
   for (int c = 0; c < kSummed; ++c) {
-    acc[c] = _mm512_mask_add_ps(acc[c], rows.active, acc[c], values[c]);
+    acc[c] = rows.add_in_group(acc[c], values[c]);
   }
 }
 
@@ -147,16 +148,17 @@ bool fused(const ForwardParams& x, const MonitorSumsParams& p) {
     return false;
   } else {
     if (x.layout != RowLayout::kRows || x.positions > kShortRow) return false;
-    const int64_t rows = x.batch * x.channels, groups = (rows + 15) / 16;
+    const int64_t rows = x.batch * x.channels, groups = (rows + kTileRows - 1) / kTileRows;
     const int64_t blocks = (groups + kGroupsPerBlock - 1) / kGroupsPerBlock;
     std::vector<std::array<double, kSummed>> block_sums(blocks);
     parallel_chunks(blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
-        __m512 acc[kSummed];
-        for (int c = 0; c < kSummed; ++c) acc[c] = _mm512_setzero_ps();
+        FloatVector acc[kSummed];
+        for (int c = 0; c < kSummed; ++c) acc[c] = Vectorized<float>(0);
         const int64_t stop = std::min(groups, (block + 1) * kGroupsPerBlock);
         for (int64_t group = block * kGroupsPerBlock; group < stop; ++group) {
-          const int64_t first = group * 16, count = std::min<int64_t>(16, rows - first);
+          const int64_t first = group * kTileRows;
+          const int64_t count = std::min<int64_t>(kTileRows, rows - first);
           ShortRowTiles<scalar_t> group_rows;
           group_rows.init(x, first, count);  // true: x.positions <= kShortRow
           fused_group<scalar_t>(group_rows, acc);
@@ -186,7 +188,7 @@ void monitor_sums_cpu(const MonitorSumsParams& p) {
 }
 
 bool monitor_sums_fused_cpu(const ForwardParams& x, const MonitorSumsParams& p) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   switch (x.dtype) {
     case ScalarKind::kFloat16: return fused<c10::Half>(x, p);
     case ScalarKind::kBFloat16: return fused<c10::BFloat16>(x, p);
