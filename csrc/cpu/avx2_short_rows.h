@@ -1,8 +1,9 @@
-// On AVX2: the float exp and log of the kernels, and the reader that hands over a group of
-// up to 8 short rows one position at a time, a row per lane (avx512_short_rows.h's
-// ShortRowTiles with 8 x 8 tiles). Included
-// only by kernel files, inside their per-capability build (cpu_capability.h): everything
-// here is in an anonymous namespace, so each build keeps its own copy.
+// On AVX2, what avx512_short_rows.h has on AVX-512, under the same names so that the kernel
+// files' short-row code reads the same for both: the float exp and log of the kernels, the
+// reader that hands over a group of up to 8 short rows one position at a time, a row per
+// lane (ShortRowTiles, 8 x 8 tiles), and the softmax and L1 steps over such a group.
+// Included only by kernel files, inside their per-capability build (cpu_capability.h):
+// everything here is in an anonymous namespace, so each build keeps its own copy.
 #pragma once
 
 #if defined(CPU_CAPABILITY_AVX2)
