@@ -124,16 +124,29 @@ struct ShortRowTiles : ShortRowStarts<scalar_t, 8> {
   }
 
   // take(i, v) for i = 0 .. L-1 in order, v = position i of each row as float, `fill` in
-  // the lanes past the group. The positions past the last full tile (49 = 6 x 8 + 1) are
-  // read a position at a time.
+  // the lanes past the group. Past the last full tile, 1 or 2 positions (49 = 6 x 8 + 1)
+  // are read a position at a time (8 or 16 scalar loads cost less than a tile's 8 loads
+  // and 24 shuffles), 3 to 7 from one more tile ending at the row's end, which overlaps
+  // the last full one (the tile's loads stay inside the row; AVX2 has no masked 16-bit
+  // load).
   template <typename Take>
   void for_each_position(__m256 fill, Take&& take) const {
+    __m256 tile[8];
+    const auto read_tile = [&](int64_t at) {
+      for (int j = 0; j < 8; ++j) tile[j] = load8(starts[j] + at);
+      transpose8x8(tile);
+    };
     int64_t i0 = 0;
     for (; i0 + 8 <= length; i0 += 8) {
-      __m256 tile[8];
-      for (int j = 0; j < 8; ++j) tile[j] = load8(starts[j] + i0);
-      transpose8x8(tile);
+      read_tile(i0);
       for (int i = 0; i < 8; ++i) take(i0 + i, _mm256_blendv_ps(fill, tile[i], active));
+    }
+    if (length - i0 >= 3 && length >= 8) {
+      read_tile(length - 8);
+      for (int64_t i = i0; i < length; ++i) {
+        take(i, _mm256_blendv_ps(fill, tile[i - (length - 8)], active));
+      }
+      return;
     }
     for (int64_t i = i0; i < length; ++i) take(i, _mm256_blendv_ps(fill, column(i), active));
   }
