@@ -1,9 +1,9 @@
-"""The two native softmax kernels alone, for comparing builds of them.
+"""The two native kernels of a measure alone, for comparing builds of them.
 
-    python bench/kernel_times.py [--threads 1] [--repeats 101] [SHAPE:DTYPE ...]
+    python bench/kernel_times.py [--measure softmax|l1] [--threads 1] [--repeats 101] [SHAPE:DTYPE ...]
 
-Calls ``channel_stats_forward`` and ``channel_stats_backward`` directly (no autograd, no
-Python wrapper), alternating them call by call, and prints the minimum, the median and the
+Calls the measure's forward and backward ops (softmax: ``channel_stats_forward`` and
+``channel_stats_backward``; l1: ``l1_stats_*``) directly (no autograd, no Python wrapper), alternating them call by call, and prints the minimum, the median and the
 90th percentile in ms of each. On a shared machine the minimum of many one-thread calls is
 the steadiest figure for an A/B of kernel changes; run the two checkouts in alternating
 processes, each with its own ``SPARSITY_EXT_CACHE`` and ``PYTHONPATH``, several times. How
@@ -42,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", type=parse_case,
                         help=f"default: {' '.join(DEFAULT_CASES)}")
+    parser.add_argument("--measure", choices=["softmax", "l1"], default="softmax")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=101)
     args = parser.parse_args()
@@ -50,14 +51,16 @@ def main() -> None:
     if not _extension.kernel_available("cpu"):
         raise SystemExit(f"no native CPU kernel to time: {_extension.load().describe()}")
     torch.set_num_threads(args.threads)
-    ops = torch.ops.sparsity_ext
+    name = {"softmax": "channel_stats", "l1": "l1_stats"}[args.measure]
+    forward = getattr(torch.ops.sparsity_ext, f"{name}_forward")
+    backward = getattr(torch.ops.sparsity_ext, f"{name}_backward")
     for shape, dtype in args.cases or [parse_case(c) for c in DEFAULT_CASES]:
         x = make_input(shape, dtype, "cpu")
-        row_stats = ops.channel_stats_forward(x)[3]
+        row_stats = forward(x)[3]
         grads = [torch.randn(shape[:2]).to(dtype) for _ in range(3)]
-        ops.channel_stats_backward(x, row_stats, *grads)  # a warm-up call of each
-        calls = {"forward": lambda: ops.channel_stats_forward(x),
-                 "backward": lambda: ops.channel_stats_backward(x, row_stats, *grads)}
+        backward(x, row_stats, *grads)  # a warm-up call of each
+        calls = {"forward": lambda: forward(x),
+                 "backward": lambda: backward(x, row_stats, *grads)}
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(args.repeats):
             for name, call in calls.items():

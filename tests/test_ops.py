@@ -211,7 +211,7 @@ def test_far_from_zero_rows_keep_their_precision(device):
     torch.testing.assert_close(far.entropy.double(), near.entropy, rtol=1e-3, atol=1e-3)
 
 
-# |max| log2(e) = 2^20: beyond it the AVX-512 CPU backward leaves the frame of
+# |max| log2(e) = 2^20: beyond it the AVX-512 and AVX2 CPU backward leaves the frame of
 # y = x log2(e) - offset for the shift frame x - max (FramedGradTerms in csrc/cpu).
 FRAME_LIMIT = 2.0**20 / math.log2(math.e)  # about 726817
 
@@ -224,9 +224,9 @@ FRAME_LIMIT = 2.0**20 / math.log2(math.e)  # about 726817
 def test_rows_of_any_magnitude_match_the_reference(device, dtype, shape, layout):
     """Rows far from zero on both sides of FRAME_LIMIT, some with masked positions: forward
     and backward match float64 on the same input. The backward decides per group of 16 rows
-    or per block of 16 or 32 channels, so rows come in runs of 32 of three kinds: within the
-    limit, beyond it (moderately: the offset's rounding error stays below 1), and a mix that
-    adds enormous ones."""
+    (AVX2: 8) or per block of 8 to 32 channels, so rows come in runs of 32 of three kinds:
+    within the limit, beyond it (moderately: the offset's rounding error stays below 1), and
+    a mix that adds enormous ones."""
     rows = shape[0] * shape[1]
     within = torch.tensor([0.0, 1e2, -3e3, 1e4, 0.99 * FRAME_LIMIT, -0.99 * FRAME_LIMIT],
                           dtype=torch.float64)

@@ -31,6 +31,27 @@ namespace {
 using FloatVector = __m256;
 constexpr int64_t kTileRows = 8;
 
+// The row of each lane of a group (walk_run's lane_rows, aligned) as a vector, one row in
+// every lane, and a float vector's lanes rearranged by it (lane j: lane rows[j] of v).
+using LaneIndex = __m256i;
+inline LaneIndex load_lane_rows(const int32_t* rows) {
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(rows));
+}
+inline LaneIndex same_row(int row) { return _mm256_set1_epi32(row); }
+inline __m256 permute_lanes(__m256 v, LaneIndex rows) { return _mm256_permutevar8x32_ps(v, rows); }
+
+// A comparison's lanes (all ones or all zeros) as one bit per lane, and a blend by them.
+inline uint32_t lane_bits(__m256 mask) { return static_cast<uint32_t>(_mm256_movemask_ps(mask)); }
+inline __m256 blend_lanes(__m256 mask, __m256 if_clear, __m256 if_set) {
+  return _mm256_blendv_ps(if_clear, if_set, mask);
+}
+
+// max(shift, the softmax's shift floor) in one instruction (at::vec::maximum takes three):
+// max_ps returns its second operand when either is NaN, so NaN stays NaN.
+inline __m256 clamp_shift_float(__m256 shift) {
+  return _mm256_max_ps(_mm256_set1_ps(ShiftFloor<float>::value), shift);
+}
+
 // 2^f for |f| <= 1/2 (kExp2Polynomial).
 inline __m256 exp2_reduced(__m256 f) {
   __m256 p = _mm256_set1_ps(kExp2Polynomial[0]);
@@ -42,13 +63,20 @@ inline __m256 exp2_reduced(__m256 f) {
 // 2^n built in the exponent field (AVX2 has no scalef), results below 2^-125 exactly 0
 // (a masked position's too: no clamp needed), NaN stays NaN. About 13 instructions where
 // at::vec's exp_u20 takes about 19, at a smaller error (1.9e-7 relative).
-inline __m256 exp2_nonpositive(__m256 y) {
-  const __m256 representable = _mm256_cmp_ps(y, _mm256_set1_ps(-125.0f), _CMP_NLT_UQ);
+// exp2_unmasked leaves the lanes outside `representable` unmasked (they hold anything, NaN
+// included) for a caller that masks a product of it once instead.
+inline __m256 exp2_unmasked(__m256 y, __m256& representable) {
+  representable = _mm256_cmp_ps(y, _mm256_set1_ps(-125.0f), _CMP_NLT_UQ);
   const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256i two_to_n =
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(representable, _mm256_mul_ps(exp2_reduced(_mm256_sub_ps(y, n)),
-                                                    _mm256_castsi256_ps(two_to_n)));
+  return _mm256_mul_ps(exp2_reduced(_mm256_sub_ps(y, n)), _mm256_castsi256_ps(two_to_n));
+}
+
+inline __m256 exp2_nonpositive(__m256 y) {
+  __m256 representable;
+  const __m256 e = exp2_unmasked(y, representable);
+  return _mm256_and_ps(representable, e);
 }
 
 // log2(x) for x > 0 (+inf -> +inf, NaN -> NaN), as AVX-512's log2_positive: x = 2^e m with
@@ -182,7 +210,7 @@ struct ShortRowTiles : ShortRowStarts<scalar_t, 8> {
 // channel_stats' accumulate(): with d = max(shift, floor) (NaN stays NaN),
 // sum += exp(d), shifted += d exp(d).
 inline void softmax_step(__m256 shift, __m256& sum, __m256& shifted) {
-  const __m256 d = _mm256_max_ps(_mm256_set1_ps(ShiftFloor<float>::value), shift);
+  const __m256 d = clamp_shift_float(shift);
   const __m256 e = exp2_nonpositive(_mm256_mul_ps(d, _mm256_set1_ps(kLog2e)));
   sum = _mm256_add_ps(sum, e);
   shifted = _mm256_fmadd_ps(d, e, shifted);

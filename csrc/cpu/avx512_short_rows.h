@@ -156,6 +156,8 @@ inline void walk_run(const BackwardParams& p, const ShortRun& run, int64_t first
 #include <limits>
 #include <type_traits>
 
+#include "../entropy_state.h"  // ShiftFloor
+
 namespace sparsity_ext {
 namespace {
 
@@ -163,6 +165,25 @@ namespace {
 // and the rows of a group of short rows (one per lane).
 using FloatVector = __m512;
 constexpr int64_t kTileRows = 16;
+
+// The row of each lane of a group (walk_run's lane_rows, aligned) as a vector, one row in
+// every lane, and a float vector's lanes rearranged by it (lane j: lane rows[j] of v).
+using LaneIndex = __m512i;
+inline LaneIndex load_lane_rows(const int32_t* rows) { return _mm512_load_si512(rows); }
+inline LaneIndex same_row(int row) { return _mm512_set1_epi32(row); }
+inline __m512 permute_lanes(__m512 v, LaneIndex rows) { return _mm512_permutexvar_ps(rows, v); }
+
+// A comparison's lanes (all ones or all zeros) as one bit per lane, and a blend by them.
+inline uint32_t lane_bits(__m512 mask) { return _mm512_movepi32_mask(_mm512_castps_si512(mask)); }
+inline __m512 blend_lanes(__m512 mask, __m512 if_clear, __m512 if_set) {
+  return _mm512_mask_blend_ps(static_cast<__mmask16>(lane_bits(mask)), if_clear, if_set);
+}
+
+// max(shift, the softmax's shift floor) in one instruction (at::vec::maximum takes three):
+// max_ps returns its second operand when either is NaN, so NaN stays NaN.
+inline __m512 clamp_shift_float(__m512 shift) {
+  return _mm512_max_ps(_mm512_set1_ps(ShiftFloor<float>::value), shift);
+}
 
 // 2^f for |f| <= 1/2, the polynomial of exp2_nonpositive below.
 inline __m512 exp2_reduced(__m512 f) {
@@ -183,6 +204,11 @@ inline __m512 exp2_nonpositive(__m512 y, __mmask16& representable) {
   representable = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   return _mm512_maskz_scalef_ps(representable, exp2_reduced(_mm512_sub_ps(y, n)), n);
+}
+
+inline __m512 exp2_nonpositive(__m512 y) {
+  __mmask16 representable;
+  return exp2_nonpositive(y, representable);
 }
 
 // log2(x) for x > 0 (+inf -> +inf, NaN -> NaN): x = 2^e m with m in [1, 2), and

@@ -13,7 +13,8 @@
 //
 // Backward, per element: grad_x = coef * exp(d - log_sum) * (d - mean_shift) with
 // d = max(x - max, floor) and one coef per row (see entropy_state.h for the derivation);
-// on AVX-512 float the same in the frame of y = x log2(e) - offset (FramedGradTerms).
+// on AVX-512 and AVX2 float the same in the frame of y = x log2(e) - offset
+// (FramedGradTerms).
 #include "channel_stats_cpu.h"
 
 #if !defined(CPU_CAPABILITY)
@@ -23,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -57,17 +59,8 @@ constexpr int64_t kChannelsLastChunk = 1 << 9;  // kChannelsLast: 512 positions 
 constexpr int64_t kGroupsPerBatch = 4;
 
 
-// exp(x) for x <= 0 (or NaN): the hot spot of the backward.
-inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
-#if defined(CPU_CAPABILITY_AVX512)
-  __mmask16 representable;
-  return exp2_nonpositive(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), representable);
-#elif defined(CPU_CAPABILITY_AVX2)
-  return exp2_nonpositive(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)));
-#else
-  return x.exp_u20();
-#endif
-}
+// exp(x) for x <= 0 (or NaN), where the build has no exp2_nonpositive (the DEFAULT build).
+inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) { return x.exp_u20(); }
 
 inline Vectorized<double> exp_nonpositive(const Vectorized<double>& x) { return x.exp(); }
 
@@ -77,18 +70,10 @@ inline Vectorized<acc_t> clamp_shift(const Vectorized<acc_t>& shift) {
   return at::vec::maximum(shift, Vectorized<acc_t>(ShiftFloor<acc_t>::value));
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 template <>
 inline Vectorized<float> clamp_shift(const Vectorized<float>& shift) {
-  // One instruction: max_ps returns its second operand when either is NaN.
-  return _mm512_max_ps(_mm512_set1_ps(ShiftFloor<float>::value), shift);
-}
-#elif defined(CPU_CAPABILITY_AVX2)
-template <>
-inline Vectorized<float> clamp_shift(const Vectorized<float>& shift) {
-  // One instruction (at::vec::maximum takes three): max_ps returns its second operand when
-  // either is NaN.
-  return _mm256_max_ps(_mm256_set1_ps(ShiftFloor<float>::value), shift);
+  return clamp_shift_float(shift);
 }
 #endif
 
@@ -153,19 +138,29 @@ struct Pack {
   static constexpr int64_t kLanes = Vec::size();
   static constexpr int64_t kWidth = kVecs * kLanes;
 
-  static void load(const scalar_t* p, int64_t count, Vec (&out)[kVecs]) {
+  // A full pack inline, a partial one (count < kWidth; lanes past count read -inf) out of
+  // line: with both inline, the loops that call load() grew past what GCC inlines, and it
+  // made load() a call per vector (the AVX2 backward of short rows 25 % slower).
+  C10_ALWAYS_INLINE static void load(const scalar_t* p, int64_t count, Vec (&out)[kVecs]) {
+    if (count != kWidth) return load_partial(p, count, out);
+    if constexpr (kReduced) {
+      std::tie(out[0], out[1]) =
+          at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+    } else {
+      out[0] = Vec::loadu(p);
+    }
+  }
+
+  C10_NOINLINE static void load_partial(const scalar_t* p, int64_t count, Vec (&out)[kVecs]) {
     const Vec masked(-std::numeric_limits<acc_t>::infinity());
     if constexpr (kReduced) {
-      const auto raw = count == kWidth ? Vectorized<scalar_t>::loadu(p)
-                                       : Vectorized<scalar_t>::loadu(p, count);
-      std::tie(out[0], out[1]) = at::vec::convert_to_float<scalar_t>(raw);
+      std::tie(out[0], out[1]) =
+          at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count));
     } else {
-      out[0] = count == kWidth ? Vec::loadu(p) : Vec::loadu(p, count);
+      out[0] = Vec::loadu(p, count);
     }
-    if (count < kWidth) {
-      for (int k = 0; k < kVecs; ++k) {
-        out[k] = keep_first(masked, out[k], std::clamp<int64_t>(count - k * kLanes, 0, kLanes));
-      }
+    for (int k = 0; k < kVecs; ++k) {
+      out[k] = keep_first(masked, out[k], std::clamp<int64_t>(count - k * kLanes, 0, kLanes));
     }
   }
 
@@ -516,43 +511,30 @@ struct GradTerms {
     return {row_max, log_sum, coef, mean_shift};
   }
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   // The terms of the rows in `rows` (lane j: the row whose index is lane j of `rows`).
-  GradTerms permuted(__m512i rows) const {
+  GradTerms permuted(LaneIndex rows) const {
     static_assert(std::is_same_v<acc_t, float>);
-    return {_mm512_permutexvar_ps(rows, row_max), _mm512_permutexvar_ps(rows, log_sum),
-            _mm512_permutexvar_ps(rows, coef), _mm512_permutexvar_ps(rows, mean_shift)};
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  GradTerms permuted(__m256i rows) const {
-    static_assert(std::is_same_v<acc_t, float>);
-    return {_mm256_permutevar8x32_ps(row_max, rows), _mm256_permutevar8x32_ps(log_sum, rows),
-            _mm256_permutevar8x32_ps(coef, rows), _mm256_permutevar8x32_ps(mean_shift, rows)};
+    return {permute_lanes(row_max, rows), permute_lanes(log_sum, rows),
+            permute_lanes(coef, rows), permute_lanes(mean_shift, rows)};
   }
 #endif
 
   Vec operator()(const Vec& x) const {
     const Vec d = clamp_shift(x - row_max);
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<acc_t, float>) {
-      __mmask16 representable;
-      const __m512 e = exp2_nonpositive(_mm512_fmsub_ps(d, _mm512_set1_ps(kLog2e), log_sum),
-                                        representable);
-      return _mm512_mul_ps(_mm512_mul_ps(coef, e), _mm512_sub_ps(d, mean_shift));
-    }
-#elif defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<acc_t, float>) {
-      const __m256 e = exp2_nonpositive(_mm256_fmsub_ps(d, _mm256_set1_ps(kLog2e), log_sum));
-      return _mm256_mul_ps(_mm256_mul_ps(coef, e), _mm256_sub_ps(d, mean_shift));
+      const Vec e = exp2_nonpositive(at::vec::fmsub(d, Vec(kLog2e), log_sum));
+      return coef * e * (d - mean_shift);
     }
 #endif
     return coef * exp_nonpositive(d - log_sum) * (d - mean_shift);
   }
 };
 
-#if defined(CPU_CAPABILITY_AVX512)
-// The float backward on AVX-512 in the frame of y = x log2(e) - offset, one FMA from x,
-// with offset = (max + log_sum) log2(e) rounded to float:
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The float backward on AVX-512 and AVX2 in the frame of y = x log2(e) - offset, one FMA
+// from x, with offset = (max + log_sum) log2(e) rounded to float:
 //   coef exp(d - log_sum) (d - mean_shift) = scale 2^y (y - center),
 //   scale = coef 2^-r ln(2),  center = r - (log_sum - mean_shift) log2(e),
 // r = (max + log_sum) log2(e) - offset, the offset's rounding error, found exactly by
@@ -569,90 +551,101 @@ struct GradTerms {
 #error "FramedGradTerms relies on exact rounding errors (TwoSum): build without -ffast-math"
 #endif
 struct FramedGradTerms {
-  __m512 offset, scale, center;
+  using Vec = Vectorized<float>;
+  Vec offset, scale, center;
 
-  // The terms of 16 rows, one per lane, and which lanes qualify.
-  static FramedGradTerms of(__m512 row_max, __m512 log_sum, __m512 mean_shift, __m512 coef,
-                            __mmask16& qualifies) {
-    const __m512 log2e = _mm512_set1_ps(kLog2e);
-    const __m512 a = _mm512_mul_ps(row_max, log2e), a_error = _mm512_fmsub_ps(row_max, log2e, a);
-    const __m512 b = _mm512_mul_ps(log_sum, log2e), b_error = _mm512_fmsub_ps(log_sum, log2e, b);
-    const __m512 offset = _mm512_add_ps(a, b);
-    const __m512 b_kept = _mm512_sub_ps(offset, a);  // TwoSum: offset + sum_error = a + b
-    const __m512 sum_error = _mm512_add_ps(_mm512_sub_ps(a, _mm512_sub_ps(offset, b_kept)),
-                                           _mm512_sub_ps(b, b_kept));
-    const __m512 r = _mm512_add_ps(sum_error, _mm512_add_ps(a_error, b_error));
-    const __m512 two_to_minus_r = exp2_reduced(_mm512_sub_ps(_mm512_setzero_ps(), r));
-    const FramedGradTerms terms{
-        offset, _mm512_mul_ps(_mm512_mul_ps(coef, two_to_minus_r), _mm512_set1_ps(kLn2)),
-        _mm512_fnmadd_ps(_mm512_sub_ps(log_sum, mean_shift), log2e, r)};
-    const __m512 largest = _mm512_set1_ps(std::numeric_limits<float>::max());
-    qualifies = _mm512_cmp_ps_mask(_mm512_abs_ps(offset), _mm512_set1_ps(0x1p20f), _CMP_LE_OQ) &
-                _mm512_cmp_ps_mask(_mm512_abs_ps(terms.scale), largest, _CMP_LE_OQ) &
-                _mm512_cmp_ps_mask(_mm512_abs_ps(terms.center), largest, _CMP_LE_OQ);
+  // The terms of a vector of rows, one per lane, and which lanes qualify (all ones there).
+  static FramedGradTerms of(const Vec& row_max, const Vec& log_sum, const Vec& mean_shift,
+                            const Vec& coef, Vec& qualifies) {
+    const Vec log2e(kLog2e);
+    const Vec a = row_max * log2e, a_error = at::vec::fmsub(row_max, log2e, a);
+    const Vec b = log_sum * log2e, b_error = at::vec::fmsub(log_sum, log2e, b);
+    const Vec offset = a + b;
+    const Vec b_kept = offset - a;  // TwoSum: offset + sum_error = a + b
+    const Vec sum_error = (a - (offset - b_kept)) + (b - b_kept);
+    const Vec r = sum_error + (a_error + b_error);
+    const Vec two_to_minus_r = exp2_reduced(Vec(0.0f) - r);
+    // center = r - (log_sum - mean_shift) log2(e), rounded once (fmadd of the negation).
+    const FramedGradTerms terms{offset, coef * two_to_minus_r * Vec(kLn2),
+                                at::vec::fmadd((log_sum - mean_shift).neg(), log2e, r)};
+    const Vec largest(std::numeric_limits<float>::max());
+    qualifies = (offset.abs() <= Vec(0x1p20f)) & (terms.scale.abs() <= largest) &
+                (terms.center.abs() <= largest);
     return terms;
   }
 
   // The terms of the rows in `rows` (lane j: the row whose index is lane j of `rows`).
-  FramedGradTerms permuted(__m512i rows) const {
-    return {_mm512_permutexvar_ps(rows, offset), _mm512_permutexvar_ps(rows, scale),
-            _mm512_permutexvar_ps(rows, center)};
+  FramedGradTerms permuted(LaneIndex rows) const {
+    return {permute_lanes(offset, rows), permute_lanes(scale, rows), permute_lanes(center, rows)};
   }
 
-  Vectorized<float> operator()(const Vectorized<float>& x) const {
-    const __m512 y = _mm512_fmsub_ps(x, _mm512_set1_ps(kLog2e), offset);
+  Vec operator()(const Vec& x) const {
+    const Vec y = at::vec::fmsub(x, Vec(kLog2e), offset);
+#if defined(CPU_CAPABILITY_AVX512)
     __mmask16 representable;
     const __m512 e = exp2_nonpositive(y, representable);
     return _mm512_maskz_mul_ps(representable, _mm512_mul_ps(scale, e), _mm512_sub_ps(y, center));
+#else
+    __m256 representable;  // the lanes outside it (y = -inf: inf * 0) are masked once, here
+    const Vec e = exp2_unmasked(y, representable);
+    return _mm256_and_ps(representable, scale * e * (y - center));
+#endif
   }
 };
 
-// GradTerms and FramedGradTerms of the same 16 rows, each lane computed with the one its
-// row qualifies for, so that a row's gradient never depends on which rows share its group
-// (groups differ between kernels and layouts). Only groups that mix the two pay for both.
+// GradTerms and FramedGradTerms of the same rows (one per lane), each lane computed with
+// the one its row qualifies for, so that a row's gradient never depends on which rows
+// share its group (groups differ between kernels and layouts). Only groups that mix the
+// two pay for both.
 struct MixedGradTerms {
   GradTerms<float> shifted;
   FramedGradTerms framed;
-  __m512i framed_lanes;  // all ones in the lanes whose row qualifies
+  Vectorized<float> framed_lanes;  // all ones in the lanes whose row qualifies
 
-  static MixedGradTerms of(__m512 row_max, __m512 log_sum, __m512 mean_shift, __m512 coef,
-                           __mmask16& qualifies) {
+  static MixedGradTerms of(const Vectorized<float>& row_max, const Vectorized<float>& log_sum,
+                           const Vectorized<float>& mean_shift, const Vectorized<float>& coef) {
+    Vectorized<float> qualifies;
     const auto framed = FramedGradTerms::of(row_max, log_sum, mean_shift, coef, qualifies);
-    return {GradTerms<float>::of(row_max, log_sum, mean_shift, coef), framed,
-            _mm512_maskz_set1_epi32(qualifies, -1)};
+    return {GradTerms<float>::of(row_max, log_sum, mean_shift, coef), framed, qualifies};
   }
 
-  MixedGradTerms permuted(__m512i rows) const {
-    return {shifted.permuted(rows), framed.permuted(rows),
-            _mm512_permutexvar_epi32(rows, framed_lanes)};
+  MixedGradTerms permuted(LaneIndex rows) const {
+    return {shifted.permuted(rows), framed.permuted(rows), permute_lanes(framed_lanes, rows)};
   }
 
   Vectorized<float> operator()(const Vectorized<float>& x) const {
-    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(framed_lanes, framed_lanes), shifted(x),
-                                framed(x));
+    return blend_lanes(framed_lanes, shifted(x), framed(x));
+  }
+
+  // Whether the rows of the first `count` lanes all qualify (framed serves them), or none
+  // does (shifted serves them).
+  bool all_framed(int64_t count) const {
+    const uint32_t needed = first_lanes(count);
+    return (lane_bits(framed_lanes) & needed) == needed;
+  }
+  bool none_framed(int64_t count) const {
+    return (lane_bits(framed_lanes) & first_lanes(count)) == 0;
+  }
+
+ private:
+  // The first `count` lanes as bits (none for count <= 0, all for count >= kTileRows).
+  static uint32_t first_lanes(int64_t count) {
+    return (1u << std::clamp<int64_t>(count, 0, kTileRows)) - 1;
   }
 };
 
-// The first `count` lanes (none for count <= 0, all for count >= 16).
-inline __mmask16 first_lanes(int64_t count) {
-  return static_cast<__mmask16>((1u << std::clamp<int64_t>(count, 0, 16)) - 1);
-}
-
-// Calls body(terms) for the `count` <= 16 rows whose values start at the four pointers
-// (one row per lane) with the cheapest terms that serve each row its own kind:
+// Calls body(terms) for the `count` <= kTileRows rows whose values start at the four
+// pointers (one row per lane) with the cheapest terms that serve each row its own kind:
 // FramedGradTerms where all qualify, GradTerms where none does, MixedGradTerms otherwise.
 template <typename Body>
 inline void with_grad_terms(const float* row_max, const float* log_sum, const float* mean_shift,
                             const float* coef, int64_t count, Body&& body) {
   using Vec = Vectorized<float>;
-  __mmask16 qualifies;
-  const auto both =
-      MixedGradTerms::of(Vec::loadu(row_max, count), Vec::loadu(log_sum, count),
-                         Vec::loadu(mean_shift, count), Vec::loadu(coef, count), qualifies);
-  const __mmask16 rows = first_lanes(count);
-  if ((qualifies & rows) == rows) {
+  const auto both = MixedGradTerms::of(Vec::loadu(row_max, count), Vec::loadu(log_sum, count),
+                                       Vec::loadu(mean_shift, count), Vec::loadu(coef, count));
+  if (both.all_framed(count)) {
     body(both.framed);
-  } else if ((qualifies & rows) == 0) {
+  } else if (both.none_framed(count)) {
     body(both.shifted);
   } else {
     body(both);
@@ -695,35 +688,23 @@ void backward_rows(const BackwardParams& p) {
                       terms_of_row(j));
         }
       };
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       if constexpr (std::is_same_v<acc_t, float>) {
         with_grad_terms(stats + first, stats + rows + first, stats + 2 * rows + first, coef, count,
                         [&](const auto& group) {
                           if (run.applies) {
                             walk_run<scalar_t, P>(p, run, first, count,
-                                                  [&](__m512 v, const int32_t* lane_rows) {
+                                                  [&](const Vec& v, const int32_t* lane_rows) {
                                                     return group.permuted(
-                                                        _mm512_load_si512(lane_rows))(v);
+                                                        load_lane_rows(lane_rows))(v);
                                                   });
                             return;
                           }
                           rows_pass([&](int64_t j) {
-                            return group.permuted(_mm512_set1_epi32(static_cast<int>(j)));
+                            return group.permuted(same_row(static_cast<int>(j)));
                           });
                         });
         continue;
-      }
-#elif defined(CPU_CAPABILITY_AVX2)
-      if constexpr (std::is_same_v<acc_t, float>) {
-        if (run.applies) {
-          const auto group = GradTerms<float>::of(
-              Vec::loadu(stats + first, count), Vec::loadu(stats + rows + first, count),
-              Vec::loadu(stats + 2 * rows + first, count), Vec::loadu(coef, count));
-          walk_run<scalar_t, P>(p, run, first, count, [&](const Vec& v, const int32_t* lane_rows) {
-            return group.permuted(_mm256_load_si256(reinterpret_cast<const __m256i*>(lane_rows)))(v);
-          });
-          continue;
-        }
       }
 #endif
       rows_pass([&](int64_t j) {
@@ -778,16 +759,14 @@ void backward_channels_last(const BackwardParams& p) {
       const auto lane_vec = [&](int which, int k) {
         return Vec::loadu(lane_stats[which] + k * P::kLanes);
       };
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       if constexpr (std::is_same_v<acc_t, float>) {  // as with_grad_terms, for kVecs vectors
         MixedGradTerms both[P::kVecs];
         bool all_framed = true;
         for (int k = 0; k < P::kVecs; ++k) {
-          __mmask16 qualifies;
           both[k] = MixedGradTerms::of(lane_vec(0, k), lane_vec(1, k), lane_vec(2, k),
-                                       lane_vec(3, k), qualifies);
-          const __mmask16 needed = first_lanes(lanes - k * P::kLanes);
-          all_framed = all_framed && (qualifies & needed) == needed;
+                                       lane_vec(3, k));
+          all_framed = all_framed && both[k].all_framed(lanes - k * P::kLanes);
         }
         if (all_framed) {
           FramedGradTerms framed[P::kVecs];

@@ -384,29 +384,15 @@ void backward_rows(const L1BackwardParams& p) {
       const int64_t first = group * group_size, count = std::min(group_size, rows - first);
       int64_t n = first / C, c = first % C;  // advanced with the row: no division per row
       row_coefficients<scalar_t>(p, first, count, n, c, coef);
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       if constexpr (std::is_same_v<acc_t, float>) {
         if (run.applies) {
-          const __m512 mean_log = Vec::loadu(stats + kL1MeanLog * rows + first, count);
-          const __m512 coefs = Vec::loadu(coef, count);
-          walk_run<scalar_t, P>(p, run, first, count, [&](__m512 v, const int32_t* lane_rows) {
-            const __m512i rows_of_lanes = _mm512_load_si512(lane_rows);
-            return grad_elements<float>(v, _mm512_permutexvar_ps(rows_of_lanes, mean_log),
-                                        _mm512_permutexvar_ps(rows_of_lanes, coefs));
-          });
-          continue;
-        }
-      }
-#elif defined(CPU_CAPABILITY_AVX2)
-      if constexpr (std::is_same_v<acc_t, float>) {
-        if (run.applies) {
-          const __m256 mean_log = Vec::loadu(stats + kL1MeanLog * rows + first, count);
-          const __m256 coefs = Vec::loadu(coef, count);
+          const Vec mean_log = Vec::loadu(stats + kL1MeanLog * rows + first, count);
+          const Vec coefs = Vec::loadu(coef, count);
           walk_run<scalar_t, P>(p, run, first, count, [&](const Vec& v, const int32_t* lane_rows) {
-            const __m256i rows_of_lanes =
-                _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_rows));
-            return grad_elements<float>(v, _mm256_permutevar8x32_ps(mean_log, rows_of_lanes),
-                                        _mm256_permutevar8x32_ps(coefs, rows_of_lanes));
+            const LaneIndex rows_of_lanes = load_lane_rows(lane_rows);
+            return grad_elements<float>(v, permute_lanes(mean_log, rows_of_lanes),
+                                        permute_lanes(coefs, rows_of_lanes));
           });
           continue;
         }
