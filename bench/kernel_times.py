@@ -1,10 +1,12 @@
 """The two native kernels of a measure alone, for comparing builds of them.
 
-    python bench/kernel_times.py [--measure softmax|l1] [--threads 1] [--repeats 101] [SHAPE:DTYPE ...]
+    python bench/kernel_times.py [--measure softmax|l1] [--threads 1] [--repeats 101]
+                                 [SHAPE:DTYPE ...]
 
 Calls the measure's forward and backward ops (softmax: ``channel_stats_forward`` and
-``channel_stats_backward``; l1: ``l1_stats_*``) directly (no autograd, no Python wrapper), alternating them call by call, and prints the minimum, the median and the
-90th percentile in ms of each. On a shared machine the minimum of many one-thread calls is
+``channel_stats_backward``; l1: ``l1_stats_*``) directly (no autograd, no Python wrapper),
+alternating them call by call, and prints the minimum, the median and the 90th percentile
+in ms of each. On a shared machine the minimum of many one-thread calls is
 the steadiest figure for an A/B of kernel changes; run the two checkouts in alternating
 processes, each with its own ``SPARSITY_EXT_CACHE`` and ``PYTHONPATH``, several times. How
 the op compares with eager PyTorch, torch.compile and a copy is ``python -m sparsity_ext
@@ -61,14 +63,14 @@ def main() -> None:
         backward(x, row_stats, *grads)  # a warm-up call of each
         calls = {"forward": lambda: forward(x),
                  "backward": lambda: backward(x, row_stats, *grads)}
-        times: dict[str, list[float]] = {name: [] for name in calls}
+        times: dict[str, list[float]] = {kind: [] for kind in calls}
         for _ in range(args.repeats):
-            for name, call in calls.items():
+            for kind, call in calls.items():
                 start = time.perf_counter()
                 call()
-                times[name].append((time.perf_counter() - start) * 1e3)
-        text = "  ".join(f"{name} min {min(t):.3f} median {statistics.median(t):.3f} "
-                         f"p90 {percentile(t, 90):.3f}" for name, t in times.items())
+                times[kind].append((time.perf_counter() - start) * 1e3)
+        text = "  ".join(f"{kind} min {min(t):.3f} median {statistics.median(t):.3f} "
+                         f"p90 {percentile(t, 90):.3f}" for kind, t in times.items())
         case = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}"
         print(f"{case}: {text} ms", flush=True)
 

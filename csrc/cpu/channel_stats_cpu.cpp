@@ -59,7 +59,8 @@ constexpr int64_t kChannelsLastChunk = 1 << 9;  // kChannelsLast: 512 positions 
 constexpr int64_t kGroupsPerBatch = 4;
 
 
-// exp(x) for x <= 0 (or NaN), where the build has no exp2_nonpositive (the DEFAULT build).
+// exp(x) for x <= 0 (or NaN): the DEFAULT build's float exp. On AVX-512 and AVX2,
+// accumulate() and GradTerms take exp2_nonpositive for float before they reach it.
 inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) { return x.exp_u20(); }
 
 inline Vectorized<double> exp_nonpositive(const Vectorized<double>& x) { return x.exp(); }
@@ -541,7 +542,7 @@ struct GradTerms {
 // error-free transformations (the products' errors by FMA, the sum's by TwoSum). The FMA
 // rounds once, relative to y, so rows far from zero keep their precision; and no clamp is
 // needed: a position whose 2^y is below 2^-125 (a masked one included) gives 0 through
-// the exp's mask. Two instructions per vector fewer than GradTerms (the subtraction of
+// the exp's mask (AVX2: the product's). Two instructions per vector fewer than GradTerms (the subtraction of
 // the max and its clamp; on short rows also a permute), and the backward of bfloat16 and
 // of short rows is bound by instructions. A row qualifies when |offset| <= 2^20 (so
 // |r| <= 1/8) and its terms are finite; the others (activations beyond about 7e5, NaN or
@@ -586,7 +587,7 @@ struct FramedGradTerms {
     const __m512 e = exp2_nonpositive(y, representable);
     return _mm512_maskz_mul_ps(representable, _mm512_mul_ps(scale, e), _mm512_sub_ps(y, center));
 #else
-    __m256 representable;  // the lanes outside it (y = -inf: inf * 0) are masked once, here
+    __m256 representable;  // lanes outside it (y = -inf: e is NaN) are masked once, here
     const Vec e = exp2_unmasked(y, representable);
     return _mm256_and_ps(representable, scale * e * (y - center));
 #endif
@@ -628,9 +629,9 @@ struct MixedGradTerms {
   }
 
  private:
-  // The first `count` lanes as bits (none for count <= 0, all for count >= kTileRows).
+  // The first `count` lanes as bits (none for count <= 0, all for a full vector or more).
   static uint32_t first_lanes(int64_t count) {
-    return (1u << std::clamp<int64_t>(count, 0, kTileRows)) - 1;
+    return (1u << std::clamp<int64_t>(count, 0, Vectorized<float>::size())) - 1;
   }
 };
 
