@@ -187,14 +187,17 @@ struct ShortRowTiles : ShortRowStarts<scalar_t, 8> {
 
   // Reads the group once, position i stored at transposed + 8 i (8 floats, aligned) and
   // folded into the rows' max, which is returned; also(v) sees each position too. Lanes
-  // past the group read -inf. The max propagates NaN, so a row with a NaN has NaN sums.
+  // past the group read -inf. The max skips NaN (max_ps, one instruction where
+  // at::vec::maximum takes three): a NaN still reaches the row's sums through
+  // softmax_group_sums, which shifts an all-masked row by 0, so even a row of NaN and -inf
+  // gives NaN.
   template <typename Also>
   __m256 read_transposed(float* transposed, Also&& also) const {
     const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     __m256 vmax = neg_inf;
     for_each_position(neg_inf, [&](int64_t i, __m256 v) {
       _mm256_store_ps(transposed + i * 8, v);
-      vmax = at::vec::maximum(at::vec::Vectorized<float>(v), at::vec::Vectorized<float>(vmax));
+      vmax = _mm256_max_ps(v, vmax);
       also(v);
     });
     return vmax;

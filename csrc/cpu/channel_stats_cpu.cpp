@@ -104,14 +104,17 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + bytes));
 }
 
-// Running max for the max pass. On AVX-512 a plain max_ps, which skips NaN: a NaN still
-// reaches the result through the exp pass (x - max is NaN there), except in a part with
-// nothing but -inf and NaN, which the caller must catch (contiguous_chunk_state checks for
-// it; the short rows shift such a row by 0, so its NaN - 0 stays NaN).
+// Running max for the max pass. On AVX-512 and AVX2 a plain max_ps (one instruction where
+// at::vec::maximum takes three), which skips NaN (it returns b when either is NaN): a NaN
+// still reaches the result through the exp pass (x - max is NaN there), except in a part
+// with nothing but -inf and NaN, which the caller must catch (contiguous_chunk_state checks
+// for it; the short rows shift such a row by 0, so its NaN - 0 stays NaN).
 template <typename acc_t>
 inline Vectorized<acc_t> max_skipping_nan(const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) return _mm512_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) return _mm256_max_ps(a, b);
 #endif
   return at::vec::maximum(a, b);
 }
