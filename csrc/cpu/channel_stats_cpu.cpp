@@ -422,10 +422,11 @@ void forward_channels_last(const ForwardParams& p) {
         for (int k = 0; k < P::kVecs; ++k) vmax[k] = Vec(kNegInf);
         for (int64_t i = start; i < stop; ++i) {
           P::load(xb + i * step, lanes, v);
-          for (int k = 0; k < P::kVecs; ++k) vmax[k] = at::vec::maximum(vmax[k], v[k]);
+          for (int k = 0; k < P::kVecs; ++k) vmax[k] = max_skipping_nan(v[k], vmax[k]);
         }
-        // A lane with only masked positions shifts by 0 instead of -inf (no NaN); its
-        // sum is then 0 and the merge treats it as contributing nothing.
+        // A lane with only masked positions (and NaN, which the max skips) shifts by 0
+        // instead of -inf (no -inf - -inf): its sum is then 0, or NaN from a NaN, and the
+        // merge treats a 0 as contributing nothing.
         Vec shift_by[P::kVecs], sum[P::kVecs], shifted[P::kVecs];
         for (int k = 0; k < P::kVecs; ++k) {
           shift_by[k] = Vec::blendv(vmax[k], Vec(0), vmax[k] == Vec(kNegInf));
