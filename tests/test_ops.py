@@ -588,13 +588,23 @@ def test_forward_allocates_nothing_of_the_size_of_x_and_backward_only_grad_x(lay
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nan_among_only_masked_positions_of_a_long_row(dtype):
-    """A chunk of a long row holding only -inf and NaN must still poison the row."""
-    x = random_input((1, 2, 40_000), dtype)
-    x[0, 0, 20_000:30_000] = float("-inf")
-    x[0, 0, 25_000] = float("nan")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_nan_among_only_masked_positions_of_a_long_row(dtype, layout):
+    """A chunk of a long row holding only -inf and NaN must still poison the row, value and
+    gradient: the kernels' running max skips NaN. Chunks are 8192 positions of a row laid
+    out contiguous and 512 channels_last; row 0 has such a chunk in its middle, row 1 first."""
+    x = random_input((1, 3, 200, 200), dtype)
+    rows = x.view(1, 3, -1)
+    rows[0, 0, 20_000:30_000] = float("-inf")
+    rows[0, 0, 25_000] = float("nan")
+    rows[0, 1, :600] = float("-inf")
+    rows[0, 1, 10] = float("nan")
+    x = with_layout(x, layout).requires_grad_(True)
     stats = sparsity_ext.channel_stats(x)
-    assert stats.entropy[0, 0].isnan() and torch.isfinite(stats.entropy[0, 1])
+    for out in stats:
+        assert out[0, :2].isnan().all() and torch.isfinite(out[0, 2])
+    g = torch.autograd.grad(stats.entropy.sum(), x)[0]
+    assert g[0, :2].isnan().all() and torch.isfinite(g[0, 2]).all()
 
 
 def test_chunks_far_apart_merge_without_overflow():
