@@ -219,35 +219,6 @@ inline void softmax_step(__m256 shift, __m256& sum, __m256& shifted) {
   shifted = _mm256_fmadd_ps(d, e, shifted);
 }
 
-// The softmax state's exp pass over a group of short rows kept transposed (position i of
-// every row at transposed + 8 i), given each row's max: sum and shifted per lane. A row of
-// only masked positions shifts by 0 (no -inf - -inf), so its sum stays 0. Fetches what
-// follows the group while it computes from cache.
-template <typename scalar_t>
-inline void softmax_group_sums(const float* transposed, __m256 row_max,
-                               const ShortRowTiles<scalar_t>& rows, __m256& sum,
-                               __m256& shifted) {
-  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m256 shift_by =
-      _mm256_blendv_ps(row_max, _mm256_setzero_ps(), _mm256_cmp_ps(row_max, neg_inf, _CMP_EQ_OQ));
-  // Two accumulator pairs (even and odd positions), so the adds are not latency bound.
-  __m256 s0 = _mm256_setzero_ps(), t0 = s0, s1 = s0, t1 = s0;
-  const int64_t L = rows.length;
-  int64_t i = 0;
-  for (; i + 2 <= L; i += 2) {
-    rows.prefetch_next(i);
-    rows.prefetch_next(i + 1);
-    softmax_step(_mm256_sub_ps(_mm256_load_ps(transposed + i * 8), shift_by), s0, t0);
-    softmax_step(_mm256_sub_ps(_mm256_load_ps(transposed + (i + 1) * 8), shift_by), s1, t1);
-  }
-  if (i < L) {
-    rows.prefetch_next(i);
-    softmax_step(_mm256_sub_ps(_mm256_load_ps(transposed + i * 8), shift_by), s0, t0);
-  }
-  sum = _mm256_add_ps(s0, s1);
-  shifted = _mm256_add_ps(t0, t1);
-}
-
 // One position of the L1 measure's state (l1_state.h) for 8 rows: S += a, T += a log2 a
 // (base 2: times kLn2 once per row), total += x, live += 1 for a = x where !(x <= 0) (NaN
 // stays live).

@@ -348,38 +348,6 @@ inline void softmax_step(__m512 shift, __m512& sum, __m512& shifted) {
   shifted = _mm512_mask3_fmadd_ps(shift, e, shifted, representable);
 }
 
-// The softmax state's exp pass over a group of short rows (`rows`) kept
-// transposed (position i of every row at transposed + 16 i), given each row's max:
-// sum = sum of exp(x - max), shifted = sum of (x - max) exp(x - max), per lane. A row of
-// only masked positions shifts by 0 (no -inf - -inf), so its sum stays 0. Fetches what
-// follows the group while it computes from cache (one line per position covers 16 rows of
-// <= 64 float positions).
-template <typename scalar_t>
-inline void softmax_group_sums(const float* transposed, __m512 row_max,
-                               const ShortRowTiles<scalar_t>& rows, __m512& sum,
-                               __m512& shifted) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512 shift_by = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(row_max, neg_inf, _CMP_EQ_OQ),
-                                               row_max, _mm512_setzero_ps());
-  // Two accumulator pairs (even and odd positions), so that the adds are not latency
-  // bound; named, not an array indexed by i & 1, which would keep them in memory.
-  __m512 s0 = _mm512_setzero_ps(), t0 = s0, s1 = s0, t1 = s0;
-  const int64_t L = rows.length;
-  int64_t i = 0;
-  for (; i + 2 <= L; i += 2) {
-    rows.prefetch_next(i);
-    rows.prefetch_next(i + 1);
-    softmax_step(_mm512_sub_ps(_mm512_load_ps(transposed + i * 16), shift_by), s0, t0);
-    softmax_step(_mm512_sub_ps(_mm512_load_ps(transposed + (i + 1) * 16), shift_by), s1, t1);
-  }
-  if (i < L) {
-    rows.prefetch_next(i);
-    softmax_step(_mm512_sub_ps(_mm512_load_ps(transposed + i * 16), shift_by), s0, t0);
-  }
-  sum = _mm512_add_ps(s0, s1);
-  shifted = _mm512_add_ps(t0, t1);
-}
-
 // One position of the L1 measure's state (l1_state.h) for 16 rows: S += a, T += a log2 a
 // (base 2: times kLn2 once per row), total += x, live += 1 for a = x where !(x <= 0)
 // (NLE_UQ: x > 0, and NaN, which must stay live).

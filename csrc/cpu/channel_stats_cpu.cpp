@@ -36,6 +36,7 @@
 #include "../entropy_state.h"
 #include "avx2_short_rows.h"
 #include "avx512_short_rows.h"
+#include "short_row_groups.h"
 #include "parallel_chunks.h"
 #include "row_grads.h"
 #include "store_from_float.h"

@@ -24,6 +24,7 @@
 #include "../l1_stats_params.h"
 #include "avx2_short_rows.h"
 #include "avx512_short_rows.h"
+#include "short_row_groups.h"
 #include "parallel_chunks.h"
 
 namespace sparsity_ext {
