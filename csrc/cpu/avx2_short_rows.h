@@ -61,15 +61,21 @@ inline __m256 exp2_reduced(__m256 f) {
 
 // 2^y for y <= 0 (or NaN), as AVX-512's exp2_nonpositive: 2^n * 2^f with n = round(y),
 // 2^n built in the exponent field (AVX2 has no scalef), results below 2^-125 exactly 0
-// (a masked position's too: no clamp needed), NaN stays NaN. About 13 instructions where
-// at::vec's exp_u20 takes about 19, at a smaller error (1.9e-7 relative).
+// (a masked position's too: no clamp needed), NaN stays NaN. About 12 instructions where
+// at::vec's exp_u20 takes about 19, at a smaller error (1.9e-7 relative). One addition
+// finds n: y + 1.5 * 2^23 + 127 rounds y to an integer (the sum's ulp is 1) and holds
+// n + 127 in its low bits, which a shift by 23 moves into the exponent field (-127 < n <
+// 129; lanes below are masked): one instruction less than round, convert, add and shift.
+// A tie (y = k + 1/2) may round the other way than round_ps, which only trades f = -1/2
+// for 1/2, both inside the polynomial's interval.
 // exp2_unmasked leaves the lanes outside `representable` unmasked (they hold anything, NaN
 // included) for a caller that masks a product of it once instead.
 inline __m256 exp2_unmasked(__m256 y, __m256& representable) {
+  const __m256 rounder = _mm256_set1_ps(0x1.8p23f + 127.0f);
   representable = _mm256_cmp_ps(y, _mm256_set1_ps(-125.0f), _CMP_NLT_UQ);
-  const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256i two_to_n =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 biased = _mm256_add_ps(y, rounder);  // n + 127 in the low bits
+  const __m256 n = _mm256_sub_ps(biased, rounder);
+  const __m256i two_to_n = _mm256_slli_epi32(_mm256_castps_si256(biased), 23);
   return _mm256_mul_ps(exp2_reduced(_mm256_sub_ps(y, n)), _mm256_castsi256_ps(two_to_n));
 }
 
@@ -142,6 +148,7 @@ template <typename scalar_t>
 struct ShortRowTiles : ShortRowStarts<scalar_t, 8> {
   using ShortRowStarts<scalar_t, 8>::starts;
   using ShortRowStarts<scalar_t, 8>::length;
+  using ShortRowStarts<scalar_t, 8>::count;
   __m256 active;  // all ones in the group's lanes
 
   bool init(const ForwardParams& p, int64_t first, int64_t rows) {
@@ -152,13 +159,21 @@ struct ShortRowTiles : ShortRowStarts<scalar_t, 8> {
   }
 
   // take(i, v) for i = 0 .. L-1 in order, v = position i of each row as float, `fill` in
-  // the lanes past the group. Past the last full tile, 1 or 2 positions (49 = 6 x 8 + 1)
-  // are read a position at a time (8 or 16 scalar loads cost less than a tile's 8 loads
-  // and 24 shuffles), 3 to 7 from one more tile ending at the row's end, which overlaps
-  // the last full one (the tile's loads stay inside the row; AVX2 has no masked 16-bit
-  // load).
+  // the lanes past the group. Only a tensor's last group can be partial: a full one takes
+  // no blend (one instruction per vector of the forward's read pass).
   template <typename Take>
   void for_each_position(__m256 fill, Take&& take) const {
+    if (count == 8) return walk_positions(take, [](__m256 v) { return v; });
+    walk_positions(take, [&](__m256 v) { return _mm256_blendv_ps(fill, v, active); });
+  }
+
+  // for_each_position with in_group(v) applied to each vector. Past the last full tile, 1
+  // or 2 positions (49 = 6 x 8 + 1) are read a position at a time (8 or 16 scalar loads
+  // cost less than a tile's 8 loads and 24 shuffles), 3 to 7 from one more tile ending at
+  // the row's end, which overlaps the last full one (the tile's loads stay inside the row;
+  // AVX2 has no masked 16-bit load).
+  template <typename Take, typename InGroup>
+  void walk_positions(Take& take, InGroup&& in_group) const {
     __m256 tile[8];
     const auto read_tile = [&](int64_t at) {
       for (int j = 0; j < 8; ++j) tile[j] = load8(starts[j] + at);
@@ -167,16 +182,14 @@ struct ShortRowTiles : ShortRowStarts<scalar_t, 8> {
     int64_t i0 = 0;
     for (; i0 + 8 <= length; i0 += 8) {
       read_tile(i0);
-      for (int i = 0; i < 8; ++i) take(i0 + i, _mm256_blendv_ps(fill, tile[i], active));
+      for (int i = 0; i < 8; ++i) take(i0 + i, in_group(tile[i]));
     }
     if (length - i0 >= 3 && length >= 8) {
       read_tile(length - 8);
-      for (int64_t i = i0; i < length; ++i) {
-        take(i, _mm256_blendv_ps(fill, tile[i - (length - 8)], active));
-      }
+      for (int64_t i = i0; i < length; ++i) take(i, in_group(tile[i - (length - 8)]));
       return;
     }
-    for (int64_t i = i0; i < length; ++i) take(i, _mm256_blendv_ps(fill, column(i), active));
+    for (int64_t i = i0; i < length; ++i) take(i, in_group(column(i)));
   }
 
   __m256 column(int64_t i) const {
