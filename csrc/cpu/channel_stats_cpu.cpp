@@ -187,9 +187,10 @@ struct Pack {
 #elif defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (count == kWidth) {
-        const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));  // even elements
-        out[1] = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(-65536)));  // odd
+        __m256 even, odd;
+        load_bfloat16_even_odd(p, even, odd);
+        out[0] = even;
+        out[1] = odd;
         return;
       }
     }
