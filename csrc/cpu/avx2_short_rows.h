@@ -52,10 +52,13 @@ inline __m256 clamp_shift_float(__m256 shift) {
   return _mm256_max_ps(_mm256_set1_ps(ShiftFloor<float>::value), shift);
 }
 
-// 2^f for |f| <= 1/2 (kExp2Polynomial).
+// 2^f for |f| <= 1/2, of degree kDegree (5 or 4: kExp2Polynomial, kExp2Polynomial4).
+template <int kDegree = 5>
 inline __m256 exp2_reduced(__m256 f) {
-  __m256 p = _mm256_set1_ps(kExp2Polynomial[0]);
-  for (int k = 1; k < 6; ++k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Polynomial[k]));
+  static_assert(kDegree == 4 || kDegree == 5);
+  const float* c = kDegree == 5 ? kExp2Polynomial : kExp2Polynomial4;
+  __m256 p = _mm256_set1_ps(c[0]);
+  for (int k = 1; k <= kDegree; ++k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c[k]));
   return p;
 }
 
@@ -70,13 +73,15 @@ inline __m256 exp2_reduced(__m256 f) {
 // for 1/2, both inside the polynomial's interval.
 // exp2_unmasked leaves the lanes outside `representable` unmasked (they hold anything, NaN
 // included) for a caller that masks a product of it once instead.
+template <int kDegree = 5>
 inline __m256 exp2_unmasked(__m256 y, __m256& representable) {
   const __m256 rounder = _mm256_set1_ps(0x1.8p23f + 127.0f);
   representable = _mm256_cmp_ps(y, _mm256_set1_ps(-125.0f), _CMP_NLT_UQ);
   const __m256 biased = _mm256_add_ps(y, rounder);  // n + 127 in the low bits
   const __m256 n = _mm256_sub_ps(biased, rounder);
   const __m256i two_to_n = _mm256_slli_epi32(_mm256_castps_si256(biased), 23);
-  return _mm256_mul_ps(exp2_reduced(_mm256_sub_ps(y, n)), _mm256_castsi256_ps(two_to_n));
+  const __m256 two_to_f = exp2_reduced<kDegree>(_mm256_sub_ps(y, n));
+  return _mm256_mul_ps(two_to_f, _mm256_castsi256_ps(two_to_n));
 }
 
 inline __m256 exp2_nonpositive(__m256 y) {

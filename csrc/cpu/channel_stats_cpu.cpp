@@ -548,15 +548,18 @@ struct GradTerms {
 // error-free transformations (the products' errors by FMA, the sum's by TwoSum). The FMA
 // rounds once, relative to y, so rows far from zero keep their precision; and no clamp is
 // needed: a position whose 2^y is below 2^-125 (a masked one included) gives 0 through
-// the exp's mask (AVX2: the product's). Two instructions per vector fewer than GradTerms (the subtraction of
-// the max and its clamp; on short rows also a permute), and the backward of bfloat16 and
-// of short rows is bound by instructions. A row qualifies when |offset| <= 2^20 (so
-// |r| <= 1/8) and its terms are finite; the others (activations beyond about 7e5, NaN or
-// infinite rows, infinite gradients) keep GradTerms (MixedGradTerms serves both kinds).
+// the exp's mask (AVX2: the product's). Two instructions per vector fewer than GradTerms
+// (the subtraction of the max and its clamp; on short rows also a permute), and the
+// backward of bfloat16 and of short rows is bound by instructions; the exp's polynomial
+// has degree kDegree (kExp2Degree of the element type). A row qualifies when
+// |offset| <= 2^20 (so |r| <= 1/8) and its terms are finite; the others (activations
+// beyond about 7e5, NaN or infinite rows, infinite gradients) keep GradTerms
+// (MixedGradTerms serves both kinds).
 // The error-free transformations need IEEE arithmetic as written: no -ffast-math.
 #if defined(__FAST_MATH__)
 #error "FramedGradTerms relies on exact rounding errors (TwoSum): build without -ffast-math"
 #endif
+template <int kDegree>
 struct FramedGradTerms {
   using Vec = Vectorized<float>;
   Vec offset, scale, center;
@@ -590,11 +593,11 @@ struct FramedGradTerms {
     const Vec y = at::vec::fmsub(x, Vec(kLog2e), offset);
 #if defined(CPU_CAPABILITY_AVX512)
     __mmask16 representable;
-    const __m512 e = exp2_nonpositive(y, representable);
+    const __m512 e = exp2_nonpositive<kDegree>(y, representable);
     return _mm512_maskz_mul_ps(representable, _mm512_mul_ps(scale, e), _mm512_sub_ps(y, center));
 #else
     __m256 representable;  // lanes outside it (y = -inf: e is NaN) are masked once, here
-    const Vec e = exp2_unmasked(y, representable);
+    const Vec e = exp2_unmasked<kDegree>(y, representable);
     return _mm256_and_ps(representable, scale * e * (y - center));
 #endif
   }
@@ -604,15 +607,17 @@ struct FramedGradTerms {
 // the one its row qualifies for, so that a row's gradient never depends on which rows
 // share its group (groups differ between kernels and layouts). Only groups that mix the
 // two pay for both.
+template <int kDegree>
 struct MixedGradTerms {
   GradTerms<float> shifted;
-  FramedGradTerms framed;
+  FramedGradTerms<kDegree> framed;
   Vectorized<float> framed_lanes;  // all ones in the lanes whose row qualifies
 
   static MixedGradTerms of(const Vectorized<float>& row_max, const Vectorized<float>& log_sum,
                            const Vectorized<float>& mean_shift, const Vectorized<float>& coef) {
     Vectorized<float> qualifies;
-    const auto framed = FramedGradTerms::of(row_max, log_sum, mean_shift, coef, qualifies);
+    const auto framed =
+        FramedGradTerms<kDegree>::of(row_max, log_sum, mean_shift, coef, qualifies);
     return {GradTerms<float>::of(row_max, log_sum, mean_shift, coef), framed, qualifies};
   }
 
@@ -643,13 +648,15 @@ struct MixedGradTerms {
 
 // Calls body(terms) for the `count` <= kTileRows rows whose values start at the four
 // pointers (one row per lane) with the cheapest terms that serve each row its own kind:
-// FramedGradTerms where all qualify, GradTerms where none does, MixedGradTerms otherwise.
-template <typename Body>
+// FramedGradTerms where all qualify, GradTerms where none does, MixedGradTerms otherwise
+// (the framed ones with an exp polynomial of degree kDegree).
+template <int kDegree, typename Body>
 inline void with_grad_terms(const float* row_max, const float* log_sum, const float* mean_shift,
                             const float* coef, int64_t count, Body&& body) {
   using Vec = Vectorized<float>;
-  const auto both = MixedGradTerms::of(Vec::loadu(row_max, count), Vec::loadu(log_sum, count),
-                                       Vec::loadu(mean_shift, count), Vec::loadu(coef, count));
+  const auto both =
+      MixedGradTerms<kDegree>::of(Vec::loadu(row_max, count), Vec::loadu(log_sum, count),
+                                  Vec::loadu(mean_shift, count), Vec::loadu(coef, count));
   if (both.all_framed(count)) {
     body(both.framed);
   } else if (both.none_framed(count)) {
@@ -697,20 +704,17 @@ void backward_rows(const BackwardParams& p) {
       };
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       if constexpr (std::is_same_v<acc_t, float>) {
-        with_grad_terms(stats + first, stats + rows + first, stats + 2 * rows + first, coef, count,
-                        [&](const auto& group) {
-                          if (run.applies) {
-                            walk_run<scalar_t, P>(p, run, first, count,
-                                                  [&](const Vec& v, const int32_t* lane_rows) {
-                                                    return group.permuted(
-                                                        load_lane_rows(lane_rows))(v);
-                                                  });
-                            return;
-                          }
-                          rows_pass([&](int64_t j) {
-                            return group.permuted(same_row(static_cast<int>(j)));
-                          });
-                        });
+        const auto walk = [&](const auto& group) {
+          if (run.applies) {
+            walk_run<scalar_t, P>(p, run, first, count, [&](const Vec& v, const int32_t* rows) {
+              return group.permuted(load_lane_rows(rows))(v);
+            });
+            return;
+          }
+          rows_pass([&](int64_t j) { return group.permuted(same_row(static_cast<int>(j))); });
+        };
+        with_grad_terms<kExp2Degree<scalar_t>>(stats + first, stats + rows + first,
+                                               stats + 2 * rows + first, coef, count, walk);
         continue;
       }
 #endif
@@ -768,15 +772,15 @@ void backward_channels_last(const BackwardParams& p) {
       };
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       if constexpr (std::is_same_v<acc_t, float>) {  // as with_grad_terms, for kVecs vectors
-        MixedGradTerms both[P::kVecs];
+        using Mixed = MixedGradTerms<kExp2Degree<scalar_t>>;
+        Mixed both[P::kVecs];
         bool all_framed = true;
         for (int k = 0; k < P::kVecs; ++k) {
-          both[k] = MixedGradTerms::of(lane_vec(0, k), lane_vec(1, k), lane_vec(2, k),
-                                       lane_vec(3, k));
+          both[k] = Mixed::of(lane_vec(0, k), lane_vec(1, k), lane_vec(2, k), lane_vec(3, k));
           all_framed = all_framed && both[k].all_framed(lanes - k * P::kLanes);
         }
         if (all_framed) {
-          FramedGradTerms framed[P::kVecs];
+          decltype(Mixed::framed) framed[P::kVecs];
           for (int k = 0; k < P::kVecs; ++k) framed[k] = both[k].framed;
           block_pass(framed);
         } else {
