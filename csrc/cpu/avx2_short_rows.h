@@ -67,12 +67,17 @@ inline __m256 exp2_reduced(__m256 f) {
 // (a masked position's too: no clamp needed), NaN stays NaN. About 12 instructions where
 // at::vec's exp_u20 takes about 19, at a smaller error (1.9e-7 relative). One addition
 // finds n: y + 1.5 * 2^23 + 127 rounds y to an integer (the sum's ulp is 1) and holds
-// n + 127 in its low bits, which a shift by 23 moves into the exponent field (-127 < n <
-// 129; lanes below are masked): one instruction less than round, convert, add and shift.
-// A tie (y = k + 1/2) may round the other way than round_ps, which only trades f = -1/2
-// for 1/2, both inside the polynomial's interval.
+// n + 127 in its low bits, which a shift by 23 moves into the exponent field (finite for
+// -127 < n < 128; lanes below are masked): one instruction less than round, convert, add
+// and shift. A tie (y = k + 1/2) goes to the odd n, where round_ps takes the even one:
+// f = 1/2 instead of -1/2, both inside the polynomial's interval. The addition rounds as
+// the MXCSR says (to nearest unless a program changes it; torch does not), and the
+// compiler must not fold (y + c) - c into y, hence no -ffast-math (checked below).
 // exp2_unmasked leaves the lanes outside `representable` unmasked (they hold anything, NaN
 // included) for a caller that masks a product of it once instead.
+#if defined(__FAST_MATH__)
+#error "exp2_unmasked rounds by adding and subtracting a constant: build without -ffast-math"
+#endif
 template <int kDegree = 5>
 inline __m256 exp2_unmasked(__m256 y, __m256& representable) {
   const __m256 rounder = _mm256_set1_ps(0x1.8p23f + 127.0f);
