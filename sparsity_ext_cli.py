@@ -127,6 +127,9 @@ def add_bench_parser(sub) -> None:
                    help="repeatable; default float32 and bfloat16")
     p.add_argument("--repeats", type=number(int, 1), default=15,
                    help="timed repetitions per case (median)")
+    p.add_argument("--processes", type=number(int, 1), default=1,
+                   help="CPU: fresh processes per case and mode, their calls pooled (the "
+                        "speed of one process differs from the next by tens of percent)")
     p.add_argument("--out", type=writable_file, metavar="FILE.md",
                    help="also write the table(s) to this markdown file")
 

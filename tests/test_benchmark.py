@@ -154,3 +154,37 @@ def test_interleaved_timing_rotates_the_order_and_keeps_each_series_apart(monkey
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")
     assert samples == {"a": pytest.approx([1.0] * 3), "b": pytest.approx([2.0] * 3),
                        "c": pytest.approx([3.0] * 3)}
+
+
+def test_cpu_rows_pool_the_calls_of_every_process(monkeypatch):
+    """Medians and p90s over the calls of all processes; the ratio's spread is the least and
+    the greatest of one process's median ours over its median compile."""
+    runs = iter([
+        {"ours": {"calls": [1.0, 2.0, 3.0], "churn": [3.0, 3.0, 3.0]},
+         "compile": {"calls": [4.0, 4.0, 4.0], "churn": [5.0, 5.0, 5.0]},
+         "copy": {"calls": [0.5, 0.5, 0.5]}, "eager": {"calls": [9.0, 9.0, 9.0]}},
+        {"ours": {"calls": [4.0, 5.0, 6.0], "churn": [6.0, 6.0, 6.0]},
+         "compile": {"calls": [8.0, 8.0, 8.0], "churn": [11.0, 11.0, 11.0]},
+         "copy": {"calls": [1.5, 1.5, 1.5]}, "eager": {"calls": [20.0, 20.0, 20.0]}},
+    ] * len(benchmark.MODES))
+    monkeypatch.setattr(benchmark, "fresh_process_series", lambda case, mode, repeats: next(runs))
+    x = torch.empty(2, 3, 4)
+    rows = benchmark.cpu_rows(benchmark.Case("cpu", (2, 3, 4), "float32"), x, 3, processes=2)
+    assert [row["mode"] for row in rows] == list(benchmark.MODES)
+    forward = rows[0]
+    assert forward["ours ms"] == 3.5 and forward["compile ms"] == 6.0  # medians of 6 calls
+    assert forward["eager ms"] == 14.5
+    assert forward["ours p90 ms"] == pytest.approx(benchmark.percentile([1, 2, 3, 4, 5, 6], 90))
+    assert forward["ours p90 churn ms"] == 6.0 and forward["compile p90 churn ms"] == 11.0
+    assert forward["floor ms"] == pytest.approx(1.0 / 2)  # |x| at the pooled copy's 2 |x| / 1 ms
+    assert forward["ours/compile by process"] == "0.5-0.625"  # 2 / 4 and 5 / 8
+    assert rows[1]["floor ms"] == pytest.approx(3 * 1.0 / 2)
+
+
+def test_cpu_rows_of_one_process_show_no_spread(monkeypatch):
+    run = {"ours": {"calls": [1.0, 3.0], "churn": [3.0, 3.0]},
+           "compile": {"calls": [4.0, 8.0], "churn": [5.0, 5.0]},
+           "copy": {"calls": [1.0, 1.0]}, "eager": {"calls": [9.0, 9.0]}}
+    monkeypatch.setattr(benchmark, "fresh_process_series", lambda case, mode, repeats: run)
+    rows = benchmark.cpu_rows(benchmark.Case("cpu", (2, 3, 4), "float32"), torch.empty(2, 3, 4), 2)
+    assert rows[0]["ours/compile"] == 2.0 / 6.0 and rows[0]["ours/compile by process"] is None

@@ -93,6 +93,7 @@ def test_every_bad_bench_argument_exits_2_with_the_bench_usage(tmp_path, started
     for args, message in [
         (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
         (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+        (["--processes", "0"], "argument --processes: must be >= 1, got 0"),
         (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
         (["--out", str(tmp_path)], f"argument --out: {tmp_path} is a folder, not a file"),
         (["--out", str(tmp_path / "a_file" / "t.md")],

@@ -13,7 +13,9 @@ events. Should a capture fail, the same calls are timed launched back to back in
 and the table's ``timing`` column says so.
 
 On the CPU each call is timed on its own, as a user sees it: every (case, mode) runs in a
-fresh process, in which ours, torch.compile and the copy are timed in turn, one call each
+fresh process (or several, ``--processes``, their calls pooled: one process's speed differs
+from the next one's by tens of percent on a shared VM, torch.compile's more than ours), in
+which ours, torch.compile and the copy are timed in turn, one call each
 per round (:func:`time_interleaved`), so that all three see the same machine state: on a
 shared VM the speed drifts by tens of percent over minutes, which made ratios of series
 taken minutes apart unreliable. Medians and 90th percentiles are reported, and so is the
@@ -214,11 +216,11 @@ class Case:
 MODES = {"forward": 1, "forward+backward": 3}  # mode: bytes moved, in units of |x|
 
 
-def cpu_series(case: Case, mode: str, repeats: int) -> dict[str, dict[str, float]]:
-    """The CPU timings of one (case, mode), in this process: median and p90 of ``repeats``
-    calls of ours, torch.compile and the copy, interleaved; p90 of ours and compile again
-    with :func:`churn` before each call; then the median of eager. Meant to run in a fresh
-    process (:func:`fresh_process_series`)."""
+def cpu_series(case: Case, mode: str, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """The CPU timings of one (case, mode), in this process, in ms per call: ``repeats``
+    calls of ours, torch.compile and the copy, interleaved (``"calls"``); ours and compile
+    again with :func:`churn` before each call (``"churn"``); then eager. Meant to run in a
+    fresh process (:func:`fresh_process_series`)."""
     x = make_input(case.shape, DTYPES[case.dtype], "cpu")
     impls = implementations(case.normalize)
     xr = x.detach().requires_grad_(mode != "forward")
@@ -231,8 +233,7 @@ def cpu_series(case: Case, mode: str, repeats: int) -> dict[str, dict[str, float
         churned = time_interleaved({"ours": fns["ours"], "compile": fns["compile"]}, xr,
                                    repeats, warmup=0, between=lambda: churn(x.nbytes))
         samples["eager"] = time_samples(fns["eager"], xr, repeats)
-    return {name: {"median": statistics.median(series), "p90": percentile(series, 90),
-                   **({"churn p90": percentile(churned[name], 90)} if name in churned else {})}
+    return {name: {"calls": series, **({"churn": churned[name]} if name in churned else {})}
             for name, series in samples.items()}
 
 
@@ -250,11 +251,11 @@ def fresh_process_series(case: Case, mode: str, repeats: int) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-def run_case(case: Case, repeats: int) -> list[dict]:
+def run_case(case: Case, repeats: int, processes: int = 1) -> list[dict]:
     x = make_input(case.shape, DTYPES[case.dtype], case.device)
     check_correct(x, case.normalize)
     if not x.is_cuda:
-        return cpu_rows(case, x, repeats)
+        return cpu_rows(case, x, repeats, processes)
     inputs = rotation(x)
     destinations = {id(t): torch.empty_like(t) for t in inputs}  # preallocated, one each
     copy_ms, _ = time_cuda_ms([functools.partial(destinations[id(t)].copy_, t) for t in inputs],
@@ -282,18 +283,34 @@ def run_case(case: Case, repeats: int) -> list[dict]:
     return rows
 
 
-def cpu_rows(case: Case, x: torch.Tensor, repeats: int) -> list[dict]:
-    """The CPU rows of a case, each mode's timings from a fresh process."""
+def pool(runs: list[dict[str, dict[str, list[float]]]]) -> dict[str, dict[str, list[float]]]:
+    """The calls of several :func:`cpu_series`, series by series, as one."""
+    return {name: {kind: [t for run in runs for t in run[name][kind]] for kind in series}
+            for name, series in runs[0].items()}
+
+
+def cpu_rows(case: Case, x: torch.Tensor, repeats: int, processes: int = 1) -> list[dict]:
+    """The CPU rows of a case: each mode timed in ``processes`` fresh processes, one after
+    the other, their calls pooled. A process's speed differs from the next one's by tens of
+    percent on a shared VM (torch.compile's more than ours), so with several the median is
+    steadier, and the spread of the ours/compile ratio over the processes is shown."""
     rows = []
     for mode, units in MODES.items():
-        series = fresh_process_series(case, mode, repeats)
-        bandwidth = 2 * x.nbytes / (series["copy"]["median"] * 1e-3)  # bytes per second
-        times = {name: series[name]["median"] for name in ("ours", "eager", "compile")}
-        ours, compiled = series["ours"], series["compile"]
-        rows.append(summary_row(case, mode, x, times, units * x.nbytes / bandwidth * 1e3) | {
-            "ours p90 ms": ours["p90"], "ours p90 churn ms": ours["churn p90"],
-            "compile p90 ms": compiled["p90"], "compile p90 churn ms": compiled["churn p90"],
-            "ours p90/median": ours["p90"] / ours["median"]})
+        runs = [fresh_process_series(case, mode, repeats) for _ in range(processes)]
+        calls = pool(runs)
+        median = {name: statistics.median(series["calls"]) for name, series in calls.items()}
+        p90 = {(name, kind): percentile(samples, 90)
+               for name, series in calls.items() for kind, samples in series.items()}
+        bandwidth = 2 * x.nbytes / (median["copy"] * 1e-3)  # bytes per second
+        ratios = [statistics.median(run["ours"]["calls"]) / statistics.median(run["compile"]["calls"])
+                  for run in runs]
+        rows.append(summary_row(case, mode, x, median, units * x.nbytes / bandwidth * 1e3) | {
+            "ours p90 ms": p90["ours", "calls"], "ours p90 churn ms": p90["ours", "churn"],
+            "compile p90 ms": p90["compile", "calls"],
+            "compile p90 churn ms": p90["compile", "churn"],
+            "ours p90/median": p90["ours", "calls"] / median["ours"],
+            "ours/compile by process": (f"{min(ratios):.3g}-{max(ratios):.3g}"
+                                        if processes > 1 else None)})
     return rows
 
 
@@ -349,7 +366,7 @@ def cpu_model() -> str:
 
 
 def main(device: str | None = None, dtypes: list[str] | None = None, repeats: int = 15,
-         out: str | None = None) -> pd.DataFrame:
+         processes: int = 1, out: str | None = None) -> pd.DataFrame:
     devices = [device] if device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     dtypes = dtypes or ["float32", "bfloat16"]
     rows = []
@@ -358,14 +375,18 @@ def main(device: str | None = None, dtypes: list[str] | None = None, repeats: in
         for shape in shapes:
             for dtype in dtypes:
                 for normalize in NORMALIZATIONS:
-                    rows.extend(run_case(Case(dev, shape, dtype, normalize), repeats))
+                    rows.extend(run_case(Case(dev, shape, dtype, normalize), repeats,
+                                         processes))
     df = pd.DataFrame(rows)
     report = []
     for dev in devices:
         part = df[df.device == dev].dropna(axis="columns", how="all")
+        where = ("a fresh process" if processes == 1 else
+                 f"{processes} fresh processes (their calls pooled; 'by process': the least "
+                 f"and the greatest ratio of one process's medians)")
         how = (f"median of {repeats}" if dev == "cuda" else
                f"median and p90 of {repeats} calls after 3 warm-up calls, each (case, mode) "
-               f"in a fresh process, ours, torch.compile and the copy timed in turn call by "
+               f"in {where}, ours, torch.compile and the copy timed in turn call by "
                f"call, eager after them; 'churn': other allocations (2 |x|) before each call")
         report += [f"{machine_line(dev)}; {how}", "", to_markdown(part), ""]
     text = "\n".join(report)

@@ -39,7 +39,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.device is not None:
         resolve_device(args.device)  # the same availability check as `train --device`
-    benchmark.main(device=args.device, dtypes=args.dtype, repeats=args.repeats, out=args.out)
+    benchmark.main(device=args.device, dtypes=args.dtype, repeats=args.repeats,
+                   processes=args.processes, out=args.out)
     return 0
 
 
