@@ -76,7 +76,8 @@ inline __m256 exp2_reduced(__m256 f) {
 // exp2_unmasked leaves the lanes outside `representable` unmasked (they hold anything, NaN
 // included) for a caller that masks a product of it once instead.
 #if defined(__FAST_MATH__)
-#error "exp2_unmasked rounds by adding and subtracting a constant: build without -ffast-math"
+// exp2_unmasked and exp_nonpositive round by adding and subtracting kExp2Rounder.
+#error "the AVX2 exp rounds by adding and subtracting a constant: build without -ffast-math"
 #endif
 constexpr float kExp2Rounder = 0x1.8p23f + 127.0f;  // y + it: round(y) + 127 in the low bits
 

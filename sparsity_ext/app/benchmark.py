@@ -302,8 +302,8 @@ def cpu_rows(case: Case, x: torch.Tensor, repeats: int, processes: int = 1) -> l
         p90 = {(name, kind): percentile(samples, 90)
                for name, series in calls.items() for kind, samples in series.items()}
         bandwidth = 2 * x.nbytes / (median["copy"] * 1e-3)  # bytes per second
-        ratios = [statistics.median(run["ours"]["calls"]) / statistics.median(run["compile"]["calls"])
-                  for run in runs]
+        ratios = [statistics.median(run["ours"]["calls"])
+                  / statistics.median(run["compile"]["calls"]) for run in runs]
         rows.append(summary_row(case, mode, x, median, units * x.nbytes / bandwidth * 1e3) | {
             "ours p90 ms": p90["ours", "calls"], "ours p90 churn ms": p90["ours", "churn"],
             "compile p90 ms": p90["compile", "calls"],
