@@ -19,6 +19,7 @@ SHAPES = [
                          # (AVX2: four 8 x 8 tiles and 3 positions read one at a time)
     (2, 17, 8, 8),       # L = 64: full tiles only, the longest short row
     (3, 7, 2, 9),        # L = 18: a tile and a tail of 2 read a position at a time
+    (3, 5, 9),           # L = 9: AVX2's backward by rows, at most one vector inside a row
     (3, 5, 1),           # L = 1
     (1, 1, 2),
     (2, 3, 17),          # 1-D, odd length

@@ -706,10 +706,12 @@ void backward_rows(const BackwardParams& p) {
       if constexpr (std::is_same_v<acc_t, float>) {
         const auto walk = [&](const auto& group) {
           if (run.applies) {
-            walk_run<scalar_t, P>(p, run, first, count,
-                                  [&](const Vec& v, const int32_t* lane_rows) {
-                                    return group.permuted(load_lane_rows(lane_rows))(v);
-                                  });
+            walk_run_by_rows<scalar_t, P>(
+                p, run, first, count,
+                [&](const Vec& v, const int32_t* lane_rows) {
+                  return group.permuted(load_lane_rows(lane_rows))(v);
+                },
+                [&](int64_t j) { return group.permuted(same_row(static_cast<int>(j))); });
             return;
           }
           rows_pass([&](int64_t j) { return group.permuted(same_row(static_cast<int>(j))); });
