@@ -205,8 +205,9 @@ inline void walk_run(const BackwardParams& p, const ShortRun& run, int64_t first
 // (inside its last row, since L >= 8) row_element(count - 1). The lane permutes that
 // element() spends on every vector (vpermps, about 1.2 cycles each on Zen 3) took about a
 // fifth of the softmax backward of 128x512x7x7 float32 there (three per vector; walking by
-// rows: 6-10 % faster, bit-identical). Not for the L1 backward, whose two permutes per
-// vector cost less than the row loop (5 % slower there), nor for AVX-512's cheaper permutes.
+// rows: 5-11 % faster on 1 thread, bit-identical). Not for the L1 backward, whose two
+// permutes per vector cost less than the row loop (4-8 % slower there), nor for AVX-512's
+// cheaper permutes.
 template <typename scalar_t, typename P, typename Element, typename RowElement>
 inline void walk_run_by_rows(const BackwardParams& p, const ShortRun& run, int64_t first,
                              int64_t count, Element&& element,
