@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "../channel_stats_params.h"
 #include "store_from_float.h"  // AVX2's bfloat16 even/odd load and store
@@ -182,6 +183,14 @@ struct ShortRun {
   }
 };
 
+// Where the run of rows from row `first` starts, in x and in grad_x.
+template <typename scalar_t>
+inline std::pair<const scalar_t*, scalar_t*> run_start(const BackwardParams& p, int64_t first) {
+  const int64_t L = p.positions, n = first / p.channels, c = first % p.channels;
+  return {static_cast<const scalar_t*>(p.x) + n * p.x_strides.batch + c * L,
+          static_cast<scalar_t*>(p.grad_x) + n * p.grad_x_strides.batch + c * L};
+}
+
 // The backward of `count` short rows from row `first` where run.applies: walks the run's
 // count * L elements as packs P of full vectors whose lanes may belong to different rows,
 // grad = element(v, lane_rows), lane j of v belonging to row lane_rows[j] (0 .. count - 1;
@@ -190,12 +199,11 @@ struct ShortRun {
 template <typename scalar_t, typename P, typename Element>
 inline void walk_run(const BackwardParams& p, const ShortRun& run, int64_t first, int64_t count,
                      Element&& element) {
-  const int64_t L = p.positions, n = first / p.channels, c = first % p.channels;
-  const scalar_t* x = static_cast<const scalar_t*>(p.x) + n * p.x_strides.batch + c * L;
-  scalar_t* grad_x = static_cast<scalar_t*>(p.grad_x) + n * p.grad_x_strides.batch + c * L;
-  walk_elements<P>(x, grad_x, count * L, [&](const typename P::Vec& v, int64_t e, auto even_odd) {
-    return element(v, run.lane_rows<decltype(even_odd)::value>(e));
-  });
+  const auto [x, grad_x] = run_start<scalar_t>(p, first);
+  walk_elements<P>(x, grad_x, count * p.positions,
+                   [&](const typename P::Vec& v, int64_t e, auto even_odd) {
+                     return element(v, run.lane_rows<decltype(even_odd)::value>(e));
+                   });
 }
 
 // walk_run, except on AVX2 for float x with rows of at least a vector (L >= 8): there the
@@ -204,7 +212,8 @@ inline void walk_run(const BackwardParams& p, const ShortRun& run, int64_t first
 // vector across two rows takes element(v, lane_rows), and the run's last partial vector
 // (inside its last row, since L >= 8) row_element(count - 1). The lane permutes that
 // element() spends on every vector (vpermps, about 1.2 cycles each on Zen 3) took about a
-// fifth of the softmax backward of 128x512x7x7 float32 there (three per vector; walking by
+// fifth of the softmax backward of 128x512x7x7 float32 there (three per vector with
+// FramedGradTerms, the usual terms; four or eight with the others; walking by
 // rows: 5-11 % faster on 1 thread, bit-identical). Not for the L1 backward, whose two
 // permutes per vector cost less than the row loop (4-8 % slower there), nor for AVX-512's
 // cheaper permutes.
@@ -218,9 +227,8 @@ inline void walk_run_by_rows(const BackwardParams& p, const ShortRun& run, int64
   const int64_t L = p.positions;
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (L >= W) {
-      const int64_t n = first / p.channels, c = first % p.channels, total = count * L;
-      const float* x = static_cast<const float*>(p.x) + n * p.x_strides.batch + c * L;
-      float* grad_x = static_cast<float*>(p.grad_x) + n * p.grad_x_strides.batch + c * L;
+      const auto [x, grad_x] = run_start<float>(p, first);
+      const int64_t total = count * L;
       int64_t e = 0;
       for (int64_t j = 0; j < count; ++j) {
         const auto inside_row = row_element(j);
