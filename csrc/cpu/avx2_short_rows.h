@@ -73,8 +73,9 @@ inline __m256 exp2_reduced(__m256 f) {
 // f = 1/2 instead of -1/2, both inside the polynomial's interval. The addition rounds as
 // the MXCSR says (to nearest unless a program changes it; torch does not), and the
 // compiler must not fold (y + c) - c into y, hence no -ffast-math (checked below).
-// exp2_unmasked leaves the lanes outside `representable` unmasked (they hold anything, NaN
-// included) for a caller that masks a product of it once instead.
+// exp2_unmasked returns 2^f and 2^n apart, for a caller that multiplies 2^n into other
+// factors while the polynomial runs, and leaves the lanes outside `representable` unmasked
+// (they hold anything, NaN included) for a caller that masks its product once instead.
 #if defined(__FAST_MATH__)
 // exp2_unmasked and exp_nonpositive round by adding and subtracting kExp2Rounder.
 #error "the AVX2 exp rounds by adding and subtracting a constant: build without -ffast-math"
@@ -82,20 +83,19 @@ inline __m256 exp2_reduced(__m256 f) {
 constexpr float kExp2Rounder = 0x1.8p23f + 127.0f;  // y + it: round(y) + 127 in the low bits
 
 template <int kDegree = 5>
-inline __m256 exp2_unmasked(__m256 y, __m256& representable) {
+inline __m256 exp2_unmasked(__m256 y, __m256& representable, __m256& two_to_n) {
   const __m256 rounder = _mm256_set1_ps(kExp2Rounder);
   representable = _mm256_cmp_ps(y, _mm256_set1_ps(-125.0f), _CMP_NLT_UQ);
   const __m256 biased = _mm256_add_ps(y, rounder);  // n + 127 in the low bits
   const __m256 n = _mm256_sub_ps(biased, rounder);
-  const __m256i two_to_n = _mm256_slli_epi32(_mm256_castps_si256(biased), 23);
-  const __m256 two_to_f = exp2_reduced<kDegree>(_mm256_sub_ps(y, n));
-  return _mm256_mul_ps(two_to_f, _mm256_castsi256_ps(two_to_n));
+  two_to_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(biased), 23));
+  return exp2_reduced<kDegree>(_mm256_sub_ps(y, n));
 }
 
 inline __m256 exp2_nonpositive(__m256 y) {
-  __m256 representable;
-  const __m256 e = exp2_unmasked(y, representable);
-  return _mm256_and_ps(representable, e);
+  __m256 representable, two_to_n;
+  const __m256 two_to_f = exp2_unmasked(y, representable, two_to_n);
+  return _mm256_and_ps(representable, _mm256_mul_ps(two_to_f, two_to_n));
 }
 
 // e^d for d <= 0 (or NaN), for the forward's exp pass: exp2_nonpositive(d log2 e) with a

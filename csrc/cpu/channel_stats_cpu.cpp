@@ -596,9 +596,15 @@ struct FramedGradTerms {
     const __m512 e = exp2_nonpositive<kDegree>(y, representable);
     return _mm512_maskz_mul_ps(representable, _mm512_mul_ps(scale, e), _mm512_sub_ps(y, center));
 #else
-    __m256 representable;  // lanes outside it (y = -inf: e is NaN) are masked once, here
-    const Vec e = exp2_unmasked<kDegree>(y, representable);
-    return _mm256_and_ps(representable, scale * e * (y - center));
+    // 2^f multiplies last: 2^n scale (y - center) does not wait for the polynomial, so each
+    // vector's dependency chain is one multiplication shorter. On Zen 3 this loop runs well
+    // below the FMA ports' limit (about 7 cycles a vector where its 9 FMA-port operations
+    // need 4.5), and the shorter chain made the float32 backward 4 % faster on 7x7 rows and
+    // 8-9 % on 32x32 and 56x56 (1 thread). n <= 0 here (y <= 1/8), so |2^n scale| <=
+    // |scale|. Lanes outside `representable` (y = -inf: NaN) are masked once, here.
+    __m256 representable, two_to_n;
+    const Vec two_to_f = exp2_unmasked<kDegree>(y, representable, two_to_n);
+    return _mm256_and_ps(representable, two_to_f * (Vec(two_to_n) * scale * (y - center)));
 #endif
   }
 };
