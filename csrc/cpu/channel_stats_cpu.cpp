@@ -609,6 +609,19 @@ struct FramedGradTerms {
   }
 };
 
+// The first `count` lanes as bits (none for count <= 0, all for a full vector or more), and
+// whether a comparison's result (all ones or all zeros per lane) has all of them set, or
+// none.
+inline uint32_t first_lanes(int64_t count) {
+  return (1u << std::clamp<int64_t>(count, 0, Vectorized<float>::size())) - 1;
+}
+inline bool all_first_lanes(const Vectorized<float>& mask, int64_t count) {
+  return (lane_bits(mask) & first_lanes(count)) == first_lanes(count);
+}
+inline bool no_first_lanes(const Vectorized<float>& mask, int64_t count) {
+  return (lane_bits(mask) & first_lanes(count)) == 0;
+}
+
 // GradTerms and FramedGradTerms of the same rows (one per lane), each lane computed with
 // the one its row qualifies for, so that a row's gradient never depends on which rows
 // share its group (groups differ between kernels and layouts). Only groups that mix the
@@ -635,41 +648,28 @@ struct MixedGradTerms {
     return blend_lanes(framed_lanes, shifted(x), framed(x));
   }
 
-  // Whether the rows of the first `count` lanes all qualify (framed serves them), or none
-  // does (shifted serves them).
-  bool all_framed(int64_t count) const {
-    const uint32_t needed = first_lanes(count);
-    return (lane_bits(framed_lanes) & needed) == needed;
-  }
-  bool none_framed(int64_t count) const {
-    return (lane_bits(framed_lanes) & first_lanes(count)) == 0;
-  }
-
- private:
-  // The first `count` lanes as bits (none for count <= 0, all for a full vector or more).
-  static uint32_t first_lanes(int64_t count) {
-    return (1u << std::clamp<int64_t>(count, 0, Vectorized<float>::size())) - 1;
-  }
+  // Whether the rows of the first `count` lanes all qualify (framed serves them).
+  bool all_framed(int64_t count) const { return all_first_lanes(framed_lanes, count); }
 };
 
 // Calls body(terms) for the `count` <= kTileRows rows whose values start at the four
 // pointers (one row per lane) with the cheapest terms that serve each row its own kind:
 // FramedGradTerms where all qualify, GradTerms where none does, MixedGradTerms otherwise
-// (the framed ones with an exp polynomial of degree kDegree).
+// (the framed ones with an exp polynomial of degree kDegree). The framed terms come first
+// and alone: making MixedGradTerms for every group and then choosing took 7 % more of the
+// 32x512x7x7 float32 backward on Zen 3, where nearly every group is framed.
 template <int kDegree, typename Body>
 inline void with_grad_terms(const float* row_max, const float* log_sum, const float* mean_shift,
                             const float* coef, int64_t count, Body&& body) {
   using Vec = Vectorized<float>;
-  const auto both =
-      MixedGradTerms<kDegree>::of(Vec::loadu(row_max, count), Vec::loadu(log_sum, count),
-                                  Vec::loadu(mean_shift, count), Vec::loadu(coef, count));
-  if (both.all_framed(count)) {
-    body(both.framed);
-  } else if (both.none_framed(count)) {
-    body(both.shifted);
-  } else {
-    body(both);
-  }
+  const Vec max = Vec::loadu(row_max, count), sum = Vec::loadu(log_sum, count),
+            shift = Vec::loadu(mean_shift, count), k = Vec::loadu(coef, count);
+  Vec qualifies;
+  const auto framed = FramedGradTerms<kDegree>::of(max, sum, shift, k, qualifies);
+  if (all_first_lanes(qualifies, count)) return body(framed);
+  const MixedGradTerms<kDegree> both{GradTerms<float>::of(max, sum, shift, k), framed, qualifies};
+  if (no_first_lanes(qualifies, count)) return body(both.shifted);
+  body(both);
 }
 #endif
 
