@@ -318,11 +318,20 @@ inline __m512 exp2_reduced(__m512 f) {
 // computed: an underflowing scalef takes a microcode assist that costs more than a whole
 // short row. The mask is "not less than", so NaN lanes stay representable and NaN. The
 // other lanes need no clamp: whatever they compute (NaN from y = -inf) is masked away.
+// exp2_unscaled returns 2^f and sets n and `representable`, for a caller that multiplies
+// other factors into 2^f before it applies 2^n.
+template <int kDegree = 5>
+inline __m512 exp2_unscaled(__m512 y, __m512& n, __mmask16& representable) {
+  representable = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
+  n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return exp2_reduced<kDegree>(_mm512_sub_ps(y, n));
+}
+
 template <int kDegree = 5>
 inline __m512 exp2_nonpositive(__m512 y, __mmask16& representable) {
-  representable = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
-  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm512_maskz_scalef_ps(representable, exp2_reduced<kDegree>(_mm512_sub_ps(y, n)), n);
+  __m512 n;
+  const __m512 two_to_f = exp2_unscaled<kDegree>(y, n, representable);
+  return _mm512_maskz_scalef_ps(representable, two_to_f, n);
 }
 
 inline __m512 exp2_nonpositive(__m512 y) {

@@ -552,8 +552,9 @@ struct GradTerms {
 // (the subtraction of the max and its clamp; on short rows also a permute), and the
 // backward of bfloat16 and of short rows is bound by instructions; the exp's polynomial
 // has degree kDegree (kExp2Degree of the element type). A row qualifies when
-// |offset| <= 2^20 (so |r| <= 1/8) and its terms are finite; the others (activations
-// beyond about 7e5, NaN or infinite rows, infinite gradients) keep GradTerms
+// |offset| <= 2^20 (so |r| <= 1/8), |scale| <= 2^100 and center is finite (then
+// |center| <= 1/8 + log2(L), the entropy in bits); the others (activations beyond about
+// 7e5, gradients beyond about 1e30, NaN or infinite rows or gradients) keep GradTerms
 // (MixedGradTerms serves both kinds).
 // The error-free transformations need IEEE arithmetic as written: no -ffast-math.
 #if defined(__FAST_MATH__)
@@ -578,9 +579,8 @@ struct FramedGradTerms {
     // center = r - (log_sum - mean_shift) log2(e), rounded once (fmadd of the negation).
     const FramedGradTerms terms{offset, coef * two_to_minus_r * Vec(kLn2),
                                 at::vec::fmadd((log_sum - mean_shift).neg(), log2e, r)};
-    const Vec largest(std::numeric_limits<float>::max());
-    qualifies = (offset.abs() <= Vec(0x1p20f)) & (terms.scale.abs() <= largest) &
-                (terms.center.abs() <= largest);
+    qualifies = (offset.abs() <= Vec(0x1p20f)) & (terms.scale.abs() <= Vec(0x1p100f)) &
+                (terms.center.abs() <= Vec(std::numeric_limits<float>::max()));
     return terms;
   }
 
@@ -592,9 +592,17 @@ struct FramedGradTerms {
   Vec operator()(const Vec& x) const {
     const Vec y = at::vec::fmsub(x, Vec(kLog2e), offset);
 #if defined(CPU_CAPABILITY_AVX512)
+    // 2^n applies last, by scalef: scale (y - center) does not wait for the polynomial, and
+    // a tiny product is made subnormal by scalef only, not by a multiplication, which on
+    // Zen 4 costs extra (gradients of 1e-30: backward 1.8x faster). 7x7 float32 backward
+    // 2 % faster, bfloat16 4 % (Zen 4, 1 thread). |scale| <= 2^100 and |y - center| < 2^8
+    // keep scale (y - center) finite. Lanes outside `representable` (y = -inf: NaN) are
+    // masked once, here.
+    __m512 n;
     __mmask16 representable;
-    const __m512 e = exp2_nonpositive<kDegree>(y, representable);
-    return _mm512_maskz_mul_ps(representable, _mm512_mul_ps(scale, e), _mm512_sub_ps(y, center));
+    const __m512 two_to_f = exp2_unscaled<kDegree>(y, n, representable);
+    const __m512 rest = _mm512_mul_ps(scale, _mm512_sub_ps(y, center));
+    return _mm512_maskz_scalef_ps(representable, _mm512_mul_ps(two_to_f, rest), n);
 #else
     // 2^f multiplies last: 2^n scale (y - center) does not wait for the polynomial, so each
     // vector's dependency chain is one multiplication shorter. On Zen 3 this loop runs well
