@@ -593,10 +593,11 @@ struct FramedGradTerms {
     const Vec y = at::vec::fmsub(x, Vec(kLog2e), offset);
 #if defined(CPU_CAPABILITY_AVX512)
     // 2^n applies last, by scalef: scale (y - center) does not wait for the polynomial, and
-    // a tiny product is made subnormal by scalef only, not by a multiplication, which on
-    // Zen 4 costs extra (gradients of 1e-30: backward 1.8x faster). 7x7 float32 backward
-    // 2 % faster, bfloat16 4 % (Zen 4, 1 thread). |scale| <= 2^100 and |y - center| < 2^8
-    // keep scale (y - center) finite. Lanes outside `representable` (y = -inf: NaN) are
+    // a tiny 2^y no longer makes the product subnormal in a multiplication, which costs
+    // extra on Zen 4 (output gradients of 1e-30: backward 1.8x faster); only a subnormal
+    // scale still does. 7x7 float32 backward 2 % faster, bfloat16 4 % (Zen 4, 1 thread).
+    // In the lanes kept (y >= -125), |scale| <= 2^100 and |y - center| < 2^8 keep
+    // scale (y - center) finite. Lanes outside `representable` (y = -inf: NaN or inf) are
     // masked once, here.
     __m512 n;
     __mmask16 representable;
@@ -608,7 +609,7 @@ struct FramedGradTerms {
     // vector's dependency chain is one multiplication shorter. On Zen 3 this loop runs well
     // below the FMA ports' limit (about 7 cycles a vector where its 9 FMA-port operations
     // need 4.5), and the shorter chain made the float32 backward 4 % faster on 7x7 rows and
-    // 8-9 % on 32x32 and 56x56 (1 thread). n <= 0 here (y <= 1/8), so |2^n scale| <=
+    // about 8 % on 32x32 and 56x56 (1 thread). n <= 0 here (y <= 1/8), so |2^n scale| <=
     // |scale|. Lanes outside `representable` (y = -inf: NaN) are masked once, here.
     __m256 representable, two_to_n;
     const Vec two_to_f = exp2_unmasked<kDegree>(y, representable, two_to_n);
@@ -788,7 +789,9 @@ void backward_channels_last(const BackwardParams& p) {
         return Vec::loadu(lane_stats[which] + k * P::kLanes);
       };
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-      if constexpr (std::is_same_v<acc_t, float>) {  // as with_grad_terms, for kVecs vectors
+      // The terms with_grad_terms would choose, for kVecs vectors; both kinds are made here,
+      // once per block of channels for all of its L positions.
+      if constexpr (std::is_same_v<acc_t, float>) {
         using Mixed = MixedGradTerms<kExp2Degree<scalar_t>>;
         Mixed both[P::kVecs];
         bool all_framed = true;
