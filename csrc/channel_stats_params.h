@@ -16,6 +16,9 @@ enum class RowLayout : int {
 // float otherwise.
 enum class ScalarKind : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
 
+// Rows of channel_stats' row_stats: max, log_sum, mean_shift (ForwardParams::row_stats).
+constexpr int64_t kChannelStatsRows = 3;
+
 // Element (n, c, position i) of a tensor sits at n * batch + c * channel + i * position.
 // kRows has position == 1, kChannelsLast has channel == 1; the others are free (0 for an
 // expanded dim), so batch slices and expanded views are read in place.

@@ -107,18 +107,21 @@ c10::optional<ResolvedLayout> in_place_layout(const at::Tensor& x) {
 
 }  // namespace
 
-ForwardCall prepare_forward(const at::Tensor& input, int64_t row_stats_rows) {
+ForwardCall prepare_forward(const at::Tensor& input, int64_t row_stats_rows,
+                            const EmptyTensor& empty) {
   check_input(input);
   ForwardCall call;
   c10::optional<ResolvedLayout> resolved = in_place_layout(input);
   call.x = resolved ? input : input.contiguous();  // anything else: one contiguous copy
   if (!resolved) resolved = in_place_layout(call.x);
   const int64_t n = input.size(0), c = input.size(1);
-  call.entropy = at::empty({n, c}, input.options());
-  call.perplexity = at::empty({n, c}, input.options());
-  call.sparsity = at::empty({n, c}, input.options());
-  call.row_stats = at::empty({row_stats_rows, n, c},
-                             input.options().dtype(accumulation_type(input.scalar_type())));
+  const auto allocate = [&](at::IntArrayRef sizes, at::ScalarType dtype) {
+    return empty ? empty(sizes, dtype) : at::empty(sizes, input.options().dtype(dtype));
+  };
+  call.entropy = allocate({n, c}, input.scalar_type());
+  call.perplexity = allocate({n, c}, input.scalar_type());
+  call.sparsity = allocate({n, c}, input.scalar_type());
+  call.row_stats = allocate({row_stats_rows, n, c}, accumulation_type(input.scalar_type()));
   call.params = ForwardParams{call.x.const_data_ptr(), call.entropy.mutable_data_ptr(),
                               call.perplexity.mutable_data_ptr(), call.sparsity.mutable_data_ptr(),
                               call.row_stats.mutable_data_ptr(), n, c, positions_of(input),

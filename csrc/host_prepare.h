@@ -30,9 +30,15 @@ struct BackwardCall {
   BackwardParams params;
 };
 
-// row_stats_rows: 3 for channel_stats, kL1Stats (4) for l1_stats (l1_stats_params.h);
-// every other check, layout rule and param is shared by the measures.
-ForwardCall prepare_forward(const at::Tensor& x, int64_t row_stats_rows = 3);
+// An uninitialised dense tensor of `sizes` and a dtype on x's device: at::empty, or the
+// CPU registration's recycled memory (cpu/recycled_buffers.h).
+using EmptyTensor = std::function<at::Tensor(at::IntArrayRef sizes, at::ScalarType dtype)>;
+
+// row_stats_rows: kChannelStatsRows (3) for channel_stats, kL1Stats (4) for l1_stats;
+// every other check, layout rule and param is shared by the measures. The four outputs
+// come from `empty` where one is given, else from at::empty.
+ForwardCall prepare_forward(const at::Tensor& x, int64_t row_stats_rows = kChannelStatsRows,
+                            const EmptyTensor& empty = nullptr);
 
 // x's checks (the forward's), then an uninitialised grad_x for it from `empty(sizes)`
 // (dense, contiguous): channels innermost when x's channels are its unit-stride dim,

@@ -6,6 +6,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <deque>
 #include <mutex>
@@ -13,7 +14,7 @@
 namespace sparsity_ext {
 namespace {
 
-constexpr size_t kMinBytes = size_t(1) << 20;
+constexpr size_t kMinBytes = size_t(128) << 10;  // glibc's first M_MMAP_THRESHOLD
 constexpr size_t kPage = 4096;
 
 size_t cache_limit_bytes() {
@@ -34,6 +35,7 @@ class RecyclingAllocator final : public c10::Allocator {
     const size_t bytes = (nbytes + kPage - 1) / kPage * kPage;
     void* data = take(bytes);
     if (data == nullptr) data = c10::alloc_cpu(bytes);
+    report(data, static_cast<int64_t>(bytes));
     return {data, new Buffer{data, bytes}, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -62,8 +64,18 @@ class RecyclingAllocator final : public c10::Allocator {
 
   static void give_back(void* context) {
     Buffer* buffer = static_cast<Buffer*>(context);
+    instance().report(buffer->data, -static_cast<int64_t>(buffer->bytes));
     instance().keep(*buffer);
     delete buffer;
+  }
+
+  // Each buffer handed out or given back goes to the profiler's memory records
+  // (profile_memory=True), as the CPU allocator's own allocations do.
+  void report(void* data, int64_t bytes) {
+    // A give back subtracts (size_t arithmetic is modulo 2^64).
+    const size_t in_use = in_use_ += static_cast<size_t>(bytes);
+    c10::reportMemoryUsageToProfiler(data, bytes, in_use, in_use + cached_,
+                                     c10::Device(c10::DeviceType::CPU));
   }
 
   void keep(Buffer buffer) {
@@ -84,14 +96,15 @@ class RecyclingAllocator final : public c10::Allocator {
   const size_t limit_ = cache_limit_bytes();
   std::mutex mutex_;
   std::deque<Buffer> free_;  // least recently freed first
-  size_t cached_ = 0;
+  std::atomic<size_t> cached_{0};  // changed under mutex_, read by report()
+  std::atomic<size_t> in_use_{0};
 };
 
 }  // namespace
 
-at::Tensor empty_recycled(const at::Tensor& like, at::IntArrayRef size) {
+at::Tensor empty_recycled(at::IntArrayRef size, at::ScalarType dtype) {
   return at::detail::empty_generic(size, &RecyclingAllocator::instance(),
-                                   c10::DispatchKeySet(c10::DispatchKey::CPU), like.scalar_type(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
                                    std::nullopt);
 }
 

@@ -12,7 +12,7 @@ namespace sparsity_ext {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x) {
-  ForwardCall call = prepare_forward(x);
+  ForwardCall call = prepare_forward(x, kChannelStatsRows, empty_recycled);
   if (call.entropy.numel() > 0) SPARSITY_EXT_CPU_KERNEL(channel_stats_forward_cpu)(call.params);
   return call.outputs();
 }
@@ -27,7 +27,7 @@ void backward_cpu(const at::Tensor& x, const at::Tensor& row_stats,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> l1_forward_cpu(const at::Tensor& x) {
-  const ForwardCall call = prepare_forward(x, kL1Stats);
+  const ForwardCall call = prepare_forward(x, kL1Stats, empty_recycled);
   if (call.entropy.numel() > 0) SPARSITY_EXT_CPU_KERNEL(l1_stats_forward_cpu)(call.params);
   return call.outputs();
 }
@@ -51,8 +51,8 @@ template <BackwardOut out>
 at::Tensor backward_functional(const at::Tensor& x, const at::Tensor& row_stats,
                                const at::Tensor& grad_entropy, const at::Tensor& grad_perplexity,
                                const at::Tensor& grad_sparsity) {
-  at::Tensor grad_x =
-      empty_grad_x(x, [&x](at::IntArrayRef sizes) { return empty_recycled(x, sizes); });
+  at::Tensor grad_x = empty_grad_x(
+      x, [&x](at::IntArrayRef sizes) { return empty_recycled(sizes, x.scalar_type()); });
   out(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity, grad_x);
   return grad_x;
 }
@@ -64,8 +64,8 @@ void monitor_sums_cpu(at::Tensor& sums, const at::Tensor& x) {
   if (params.rows == 0) return;
   const c10::optional<ForwardParams> input = in_place_input(x);
   if (input && SPARSITY_EXT_CPU_KERNEL(monitor_sums_fused_cpu)(*input, params)) return;
-  const ForwardCall softmax = prepare_forward(x);
-  const ForwardCall l1 = prepare_forward(softmax.x, kL1Stats);  // x, or the one copy of it
+  const ForwardCall softmax = prepare_forward(x, kChannelStatsRows, empty_recycled);
+  const ForwardCall l1 = prepare_forward(softmax.x, kL1Stats, empty_recycled);  // x or its copy
   SPARSITY_EXT_CPU_KERNEL(channel_stats_forward_cpu)(softmax.params);
   SPARSITY_EXT_CPU_KERNEL(l1_stats_forward_cpu)(l1.params);
   params.softmax_stats = softmax.row_stats.const_data_ptr();
