@@ -112,7 +112,13 @@ ForwardCall prepare_forward(const at::Tensor& input, int64_t row_stats_rows,
   check_input(input);
   ForwardCall call;
   c10::optional<ResolvedLayout> resolved = in_place_layout(input);
-  call.x = resolved ? input : input.contiguous();  // anything else: one contiguous copy
+  if (resolved) {
+    call.x = input;
+  } else if (empty) {  // anything else: one contiguous copy
+    call.x = empty(input.sizes(), input.scalar_type()).copy_(input);
+  } else {
+    call.x = input.contiguous();
+  }
   if (!resolved) resolved = in_place_layout(call.x);
   const int64_t n = input.size(0), c = input.size(1);
   const auto allocate = [&](at::IntArrayRef sizes, at::ScalarType dtype) {

@@ -51,7 +51,7 @@ at::Tensor empty_grad_x(const at::Tensor& x,
 BackwardCall prepare_backward(
     const at::Tensor& x, const at::Tensor& row_stats, const at::Tensor& grad_entropy,
     const at::Tensor& grad_perplexity, const at::Tensor& grad_sparsity, at::Tensor& grad_x,
-    int64_t row_stats_rows = 3);
+    int64_t row_stats_rows = kChannelStatsRows);
 
 // The input half of x's ForwardParams (no output pointers) when the kernels can read x in
 // place; no allocation, no check (call after the checks).

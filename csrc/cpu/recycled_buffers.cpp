@@ -25,7 +25,8 @@ size_t cache_limit_bytes() {
 
 struct Buffer {
   void* data;
-  size_t bytes;
+  size_t bytes;      // whole pages: what the cache matches on
+  size_t requested;  // what the tensor asked for: what the profiler is told
 };
 
 class RecyclingAllocator final : public c10::Allocator {
@@ -35,8 +36,9 @@ class RecyclingAllocator final : public c10::Allocator {
     const size_t bytes = (nbytes + kPage - 1) / kPage * kPage;
     void* data = take(bytes);
     if (data == nullptr) data = c10::alloc_cpu(bytes);
-    report(data, static_cast<int64_t>(bytes));
-    return {data, new Buffer{data, bytes}, &give_back, c10::Device(c10::DeviceType::CPU)};
+    report(data, static_cast<int64_t>(nbytes));
+    return {data, new Buffer{data, bytes, nbytes}, &give_back,
+            c10::Device(c10::DeviceType::CPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -64,13 +66,14 @@ class RecyclingAllocator final : public c10::Allocator {
 
   static void give_back(void* context) {
     Buffer* buffer = static_cast<Buffer*>(context);
-    instance().report(buffer->data, -static_cast<int64_t>(buffer->bytes));
+    instance().report(buffer->data, -static_cast<int64_t>(buffer->requested));
     instance().keep(*buffer);
     delete buffer;
   }
 
   // Each buffer handed out or given back goes to the profiler's memory records
-  // (profile_memory=True), as the CPU allocator's own allocations do.
+  // (profile_memory=True), as the CPU allocator's own allocations do; the totals are this
+  // allocator's (in use, and in use plus cached), apart from the CPU allocator's.
   void report(void* data, int64_t bytes) {
     // A give back subtracts (size_t arithmetic is modulo 2^64).
     const size_t in_use = in_use_ += static_cast<size_t>(bytes);
