@@ -112,18 +112,13 @@ ForwardCall prepare_forward(const at::Tensor& input, int64_t row_stats_rows,
   check_input(input);
   ForwardCall call;
   c10::optional<ResolvedLayout> resolved = in_place_layout(input);
-  if (resolved) {
-    call.x = input;
-  } else if (empty) {  // anything else: one contiguous copy
-    call.x = empty(input.sizes(), input.scalar_type()).copy_(input);
-  } else {
-    call.x = input.contiguous();
-  }
-  if (!resolved) resolved = in_place_layout(call.x);
-  const int64_t n = input.size(0), c = input.size(1);
   const auto allocate = [&](at::IntArrayRef sizes, at::ScalarType dtype) {
     return empty ? empty(sizes, dtype) : at::empty(sizes, input.options().dtype(dtype));
   };
+  // Anything else: one contiguous copy.
+  call.x = resolved ? input : allocate(input.sizes(), input.scalar_type()).copy_(input);
+  if (!resolved) resolved = in_place_layout(call.x);
+  const int64_t n = input.size(0), c = input.size(1);
   call.entropy = allocate({n, c}, input.scalar_type());
   call.perplexity = allocate({n, c}, input.scalar_type());
   call.sparsity = allocate({n, c}, input.scalar_type());
@@ -136,8 +131,7 @@ ForwardCall prepare_forward(const at::Tensor& input, int64_t row_stats_rows,
   return call;
 }
 
-at::Tensor empty_grad_x(const at::Tensor& x,
-                        const std::function<at::Tensor(at::IntArrayRef)>& empty) {
+at::Tensor empty_grad_x(const at::Tensor& x, const EmptyTensor& empty) {
   check_input(x);
   const int64_t dims = x.dim();
   bool channels_innermost = false;
@@ -146,13 +140,13 @@ at::Tensor empty_grad_x(const at::Tensor& x,
       channels_innermost = channels_innermost || (x.size(d) > 1 && x.stride(d) != 1);
     }
   }
-  if (!channels_innermost) return empty(x.sizes());
+  if (!channels_innermost) return empty(x.sizes(), x.scalar_type());
   // Allocated as (N, *spatial, C), viewed as (N, C, *spatial).
   std::vector<int64_t> sizes{x.size(0)}, inverse{0, dims - 1};
   for (int64_t d = 2; d < dims; ++d) sizes.push_back(x.size(d));
   sizes.push_back(x.size(1));
   for (int64_t d = 1; d < dims - 1; ++d) inverse.push_back(d);
-  return empty(sizes).permute(inverse);
+  return empty(sizes, x.scalar_type()).permute(inverse);
 }
 
 BackwardCall prepare_backward(

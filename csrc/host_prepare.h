@@ -40,12 +40,11 @@ using EmptyTensor = std::function<at::Tensor(at::IntArrayRef sizes, at::ScalarTy
 ForwardCall prepare_forward(const at::Tensor& x, int64_t row_stats_rows = kChannelStatsRows,
                             const EmptyTensor& empty = nullptr);
 
-// x's checks (the forward's), then an uninitialised grad_x for it from `empty(sizes)`
+// x's checks (the forward's), then an uninitialised grad_x for it from `empty` (x's dtype)
 // (dense, contiguous): channels innermost when x's channels are its unit-stride dim,
 // else contiguous. The rule of _grad_x_like in sparsity_ext/ops.py, which the fake and
 // fallback kernels use; tests/test_ops.py checks the two agree on every layout.
-at::Tensor empty_grad_x(const at::Tensor& x,
-                        const std::function<at::Tensor(at::IntArrayRef)>& empty);
+at::Tensor empty_grad_x(const at::Tensor& x, const EmptyTensor& empty);
 
 // grad_x: shape, dtype and device of x, dense, positions or channels unit-stride.
 BackwardCall prepare_backward(

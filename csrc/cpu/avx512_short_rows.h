@@ -319,8 +319,9 @@ inline __m512 exp2_reduced(__m512 f) {
 // computed: an underflowing scalef takes a microcode assist that costs more than a whole
 // short row. The mask is "not less than", so NaN lanes stay representable and NaN. The
 // other lanes need no clamp: whatever they compute (NaN from y = -inf) is masked away.
-// exp2_unscaled returns 2^f and sets n and `representable`, for a caller that multiplies
-// other factors into 2^f before it applies 2^n.
+// exp2_nonpositive below; exp2_unscaled is its first part: it returns 2^f and sets n and
+// `representable`, for a caller that multiplies other factors into 2^f before it applies
+// 2^n (FramedGradTerms).
 template <int kDegree = 5>
 inline __m512 exp2_unscaled(__m512 y, __m512& n, __mmask16& representable) {
   representable = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);

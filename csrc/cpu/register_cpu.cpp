@@ -51,8 +51,7 @@ template <BackwardOut out>
 at::Tensor backward_functional(const at::Tensor& x, const at::Tensor& row_stats,
                                const at::Tensor& grad_entropy, const at::Tensor& grad_perplexity,
                                const at::Tensor& grad_sparsity) {
-  at::Tensor grad_x = empty_grad_x(
-      x, [&x](at::IntArrayRef sizes) { return empty_recycled(sizes, x.scalar_type()); });
+  at::Tensor grad_x = empty_grad_x(x, empty_recycled);
   out(x, row_stats, grad_entropy, grad_perplexity, grad_sparsity, grad_x);
   return grad_x;
 }
