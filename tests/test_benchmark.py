@@ -176,6 +176,9 @@ def test_cpu_rows_pool_the_calls_of_every_process(monkeypatch):
     assert forward["eager ms"] == 14.5
     assert forward["ours p90 ms"] == pytest.approx(benchmark.percentile([1, 2, 3, 4, 5, 6], 90))
     assert forward["ours p90 churn ms"] == 6.0 and forward["compile p90 churn ms"] == 11.0
+    assert forward["ours p90 churn/median"] == 6.0 / 3.5
+    assert forward["compile p90/median"] == pytest.approx(8.0 / 6.0)
+    assert forward["copy p90/median"] == pytest.approx(1.5 / 1.0)
     assert forward["floor ms"] == pytest.approx(1.0 / 2)  # |x| at the pooled copy's 2 |x| / 1 ms
     assert forward["ours/compile by process"] == "0.5-0.625"  # 2 / 4 and 5 / 8
     assert rows[1]["floor ms"] == pytest.approx(3 * 1.0 / 2)

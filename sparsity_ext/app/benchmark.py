@@ -309,6 +309,10 @@ def cpu_rows(case: Case, x: torch.Tensor, repeats: int, processes: int = 1) -> l
             "compile p90 ms": p90["compile", "calls"],
             "compile p90 churn ms": p90["compile", "churn"],
             "ours p90/median": p90["ours", "calls"] / median["ours"],
+            "ours p90 churn/median": p90["ours", "churn"] / median["ours"],
+            # The same rounds' tail of compile and of the copy: the machine's share of ours.
+            "compile p90/median": p90["compile", "calls"] / median["compile"],
+            "copy p90/median": p90["copy", "calls"] / median["copy"],
             "ours/compile by process": (f"{min(ratios):.3g}-{max(ratios):.3g}"
                                         if processes > 1 else None)})
     return rows
@@ -387,7 +391,9 @@ def main(device: str | None = None, dtypes: list[str] | None = None, repeats: in
         how = (f"median of {repeats}" if dev == "cuda" else
                f"median and p90 of {repeats} calls after 3 warm-up calls, each (case, mode) "
                f"in {where}, ours, torch.compile and the copy timed in turn call by "
-               f"call, eager after them; 'churn': other allocations (2 |x|) before each call")
+               f"call, eager after them; 'churn': other allocations (2 |x|) before each call; "
+               f"'p90/median': a series' p90 over its median without churn (over the plain "
+               f"median with it), the copy's being the machine's own tail in the same rounds")
         report += [f"{machine_line(dev)}; {how}", "", to_markdown(part), ""]
     text = "\n".join(report)
     print(text)
