@@ -310,7 +310,8 @@ def cpu_rows(case: Case, x: torch.Tensor, repeats: int, processes: int = 1) -> l
             "compile p90 churn ms": p90["compile", "churn"],
             "ours p90/median": p90["ours", "calls"] / median["ours"],
             "ours p90 churn/median": p90["ours", "churn"] / median["ours"],
-            # The same rounds' tail of compile and of the copy: the machine's share of ours.
+            # Compile's and the copy's tails in the same rounds, for comparison: the copy
+            # allocates nothing and runs a different time, so it is a reference point.
             "compile p90/median": p90["compile", "calls"] / median["compile"],
             "copy p90/median": p90["copy", "calls"] / median["copy"],
             "ours/compile by process": (f"{min(ratios):.3g}-{max(ratios):.3g}"
@@ -393,7 +394,7 @@ def main(device: str | None = None, dtypes: list[str] | None = None, repeats: in
                f"in {where}, ours, torch.compile and the copy timed in turn call by "
                f"call, eager after them; 'churn': other allocations (2 |x|) before each call; "
                f"'p90/median': a series' p90 over its median without churn (over the plain "
-               f"median with it), the copy's being the machine's own tail in the same rounds")
+               f"median with it); compile's and the copy's, in the same rounds, for comparison")
         report += [f"{machine_line(dev)}; {how}", "", to_markdown(part), ""]
     text = "\n".join(report)
     print(text)
