@@ -70,6 +70,15 @@ def test_a_recycled_grad_costs_no_page_faults():
     torch.testing.assert_close(grad, reference_backward(x, grads), rtol=1e-10, atol=1e-12)
 
 
+def fresh_process_stdout(code: str, env: dict) -> str:
+    """What `code` prints, run in a new Python process with environment `env` (an
+    allocator's state and the cache size are per process)."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-fault counts: Linux")
 def test_cache_size_zero_turns_recycling_off():
     code = ("import torch, resource, sparsity_ext\n"
@@ -81,10 +90,8 @@ def test_cache_size_zero_turns_recycling_off():
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "torch.autograd.grad(tuple(out[:3]), x, grads, retain_graph=True)\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "SPARSITY_EXT_CPU_CACHE_MB": "0"}, timeout=900)
-    assert out.returncode == 0, out.stderr
-    assert int(out.stdout.split()[-1]) >= 512  # fresh memory: a fault per page written
+    stdout = fresh_process_stdout(code, {**os.environ, "SPARSITY_EXT_CPU_CACHE_MB": "0"})
+    assert int(stdout.split()[-1]) >= 512  # fresh memory: a fault per page written
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-fault counts: Linux")
@@ -106,8 +113,5 @@ def test_forward_outputs_after_other_allocations_cost_no_page_faults():
             "    grad = torch.autograd.grad(tuple(stats), x, grads)[0]\n"
             "    del stats, grad\n")
     env = {k: v for k, v in os.environ.items() if k != "SPARSITY_EXT_CPU_CACHE_MB"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env=env, timeout=900)
-    assert out.returncode == 0, out.stderr
-    faults = [int(line) for line in out.stdout.split()]
+    faults = [int(line) for line in fresh_process_stdout(code, env).split()]
     assert len(faults) == 6 and max(faults[1:]) < 64, faults

@@ -31,10 +31,10 @@ constexpr float kLog2e = 1.4426950408889634f;
 // evaluated in float), everywhere but in the per-element exp of the backward of bfloat16
 // and float16 (kExp2Degree; FramedGradTerms, which serves every row but those beyond about
 // 7e5, those with gradients beyond about 1e30 and those not finite), which takes degree 4,
-// one FMA less: 2.9e-6 evaluated in float,
-// an error that multiplies each gradient, under 1/170 of float16's half ulp, so the
-// gradients stay within one ulp of exact (against float64; 0.2 % of float16's and 0.03 %
-// of bfloat16's elements not correctly rounded, where degree 5 gives 0.04 % and 0.005 %).
+// one FMA less: 2.9e-6 evaluated in float, an error that multiplies each gradient, under
+// 1/170 of float16's half ulp, so the gradients stay within one ulp of exact (against
+// float64; 0.2 % of float16's and 0.03 % of bfloat16's elements not correctly rounded,
+// where degree 5 gives 0.04 % and 0.005 %).
 // The forward keeps degree 5: its sums give the mean that each gradient subtracts from,
 // where degree 4 cost up to 3.4 ulps of float16 near a gradient's zero crossing.
 constexpr float kExp2Polynomial[6] = {1.3264727080169001e-3f, 9.6715128621880884e-3f,
